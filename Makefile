@@ -1,0 +1,35 @@
+# Two commands on a fresh machine with only python3: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch that lies on this machine's disk; an unpinned torch pulls CUDA.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: all venv demo test lint fixtures bench clean
+
+all: test
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test,plot]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/python -m loratool.demo
+
+test: venv
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+lint: venv
+	$(BIN)/ruff check loratool tests benchmarks fixtures
+	$(BIN)/ruff format --check loratool tests benchmarks fixtures
+
+fixtures: venv
+	$(BIN)/python fixtures/make_fixtures.py
+
+clean:
+	rm -rf $(VENV) .demo-home .demo-out
