@@ -1,0 +1,139 @@
+"""Terminal rendering: the only module that imports rich."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+_console: Console | None = None
+_err: Console | None = None
+
+
+def console() -> Console:
+    global _console
+    if _console is None:
+        _console = Console(highlight=False)
+    return _console
+
+
+def err_console() -> Console:
+    global _err
+    if _err is None:
+        _err = Console(stderr=True, highlight=False)
+    return _err
+
+
+def warn(message: str) -> None:
+    err_console().print(f"[yellow]warning:[/yellow] {message}", markup=True, highlight=False)
+
+
+def human_size(n: float) -> str:
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_count(n: float) -> str:
+    n = float(n)
+    for unit in ("", "K", "M", "B", "T"):
+        if abs(n) < 1000 or unit == "T":
+            return f"{n:.0f}" if unit == "" else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f}T"
+
+
+def table(title: str | None, columns: Sequence[str | tuple[str, str]], rows: Sequence[Sequence[object]]) -> None:
+    """Print a table; a column given as (name, "right") is right-aligned."""
+    t = Table(title=title, show_lines=False, header_style="bold")
+    for col in columns:
+        name, justify = (col, "left") if isinstance(col, str) else col
+        t.add_column(name, justify=justify, overflow="fold")
+    for row in rows:
+        t.add_row(*("" if v is None else str(v) for v in row))
+    console().print(t)
+
+
+def echo(text: str = "", **kw) -> None:
+    console().print(text, highlight=False, markup=kw.pop("markup", False), **kw)
+
+
+class _QuietBar:
+    def update(self, *a, **k) -> None:
+        pass
+
+    def advance(self, n: float) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def progress_bytes(description: str, total: int) -> Iterator:
+    """A byte progress bar with speed on a terminal; nothing when stdout is not a terminal.
+
+    Yields a callable ``advance(nbytes, label=None)``.
+    """
+    if not sys.stdout.isatty():
+        yield lambda n, label=None: None
+        return
+    prog = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console(),
+        transient=True,
+    )
+    with prog:
+        task = prog.add_task(description, total=total)
+
+        def advance(n: int, label: str | None = None) -> None:
+            prog.update(task, advance=n, description=label or description)
+
+        yield advance
+
+
+@contextlib.contextmanager
+def progress_count(description: str, total: int) -> Iterator:
+    """Like progress_bytes for a count of items (modules, files)."""
+    if not sys.stdout.isatty():
+        yield lambda n=1, label=None: None
+        return
+    prog = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+        console=err_console(),
+        transient=True,
+    )
+    with prog:
+        task = prog.add_task(description, total=total)
+
+        def advance(n: int = 1, label: str | None = None) -> None:
+            prog.update(task, advance=n, description=label or description)
+
+        yield advance
+
+
+def sparkline(values: Sequence[float]) -> str:
+    bars = "▁▂▃▄▅▆▇█"
+    vals = list(values)
+    if not vals:
+        return ""
+    top = max(vals) or 1.0
+    return "".join(bars[min(len(bars) - 1, int(v / top * (len(bars) - 1) + 0.5))] for v in vals)

@@ -1,0 +1,90 @@
+"""Writing outputs so that a crash never leaves a half-written file under the final name.
+
+Everything is written beside its destination under a hidden temporary name (same filesystem,
+so the final rename is atomic), fsynced, and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import OutputExistsError
+
+TMP_MARK = ".loratool-tmp-"
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_output(dest: Path, force: bool) -> None:
+    if dest.exists() and not force:
+        raise OutputExistsError("already exists", file=dest, hint="pass --force to replace it")
+
+
+@contextlib.contextmanager
+def atomic_file(dest: str | os.PathLike, *, force: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; rename it onto ``dest`` if the block succeeds."""
+    dest = Path(dest)
+    check_output(dest, force)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_MARK + dest.name + ".", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, dest)
+        fsync_dir(dest.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``dest``; it becomes ``dest`` if the block succeeds.
+
+    With ``force`` an existing ``dest`` is moved aside first and removed only after the new one
+    is in place, so a crash leaves either the old or the new output, never a mix.
+    """
+    dest = Path(dest)
+    check_output(dest, force)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_MARK + dest.name + ".", dir=dest.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if dest.exists() or dest.is_symlink():
+            old = dest.parent / f"{TMP_MARK}{dest.name}.old-{os.getpid()}"
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+        if old is not None:
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,300 @@
+"""Reading and validating safetensors headers without torch.
+
+A safetensors file is ``<u64 little-endian N><N bytes of JSON header><data>``. The header maps
+each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` relative to the start of
+the data section, plus an optional ``__metadata__`` of string pairs. Everything here reads only
+the header, so a 100 GB model is described in microseconds, and every lie a header can tell
+(offsets past the end, overlaps, holes, sizes that do not match shape × dtype) is caught before
+a tensor is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import FormatError
+
+# Bytes per element, by safetensors dtype tag.
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+FLOAT_DTYPES = {"F8_E5M2", "F8_E4M3", "F16", "BF16", "F32", "F64"}
+# safetensors itself refuses headers above 100 MB; a larger length is a corrupt file.
+MAX_HEADER = 100_000_000
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies in one file. ``start``/``end`` are absolute file offsets."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    header_len: int
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+    file_size: int = 0
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_len
+
+
+def refuse_pickle(path: Path) -> None:
+    """Refuse pickle checkpoints by name and by their first bytes, without unpickling."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise FormatError(
+            "pickle checkpoints are never opened (they can run code)",
+            file=path,
+            hint="convert it to safetensors with a trusted tool first",
+        )
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    # torch.save writes a zip (PK\x03\x04); raw pickles start with the PROTO opcode 0x80.
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and head[1] <= 5)
+
+
+def read_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """Read and validate the header of one safetensors file."""
+    path = Path(path)
+    refuse_pickle(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise FormatError(f"truncated: {size} bytes, not even a header length", file=path)
+            if _looks_like_pickle(head):
+                raise FormatError(
+                    "this is a pickle/torch.save file, not safetensors; it is never opened",
+                    file=path,
+                )
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or n > size - 8:
+                raise FormatError(
+                    f"header length {n} is larger than the file ({size} bytes): truncated or not safetensors",
+                    file=path,
+                )
+            raw = fh.read(n)
+    except FileNotFoundError as exc:
+        raise FormatError("no such file", file=path) from exc
+    except IsADirectoryError as exc:
+        raise FormatError("is a directory, expected a .safetensors file", file=path) from exc
+    except PermissionError as exc:
+        raise FormatError("permission denied", file=path) from exc
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError("header is not valid JSON: corrupt or not safetensors", file=path) from exc
+    if not isinstance(obj, dict):
+        raise FormatError("header is not a JSON object", file=path)
+    metadata = obj.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise FormatError("__metadata__ must map strings to strings", file=path)
+    data_len = size - 8 - n
+    tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in obj.items():
+        tensors[name] = _tensor_info(path, name, entry, 8 + n, data_len)
+        spans.append((entry["data_offsets"][0], entry["data_offsets"][1], name))
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin < pos:
+            raise FormatError("data overlaps the previous tensor: the header lies", file=path, tensor=name)
+        if begin > pos:
+            raise FormatError(f"a hole of {begin - pos} bytes before it: the header lies", file=path, tensor=name)
+        pos = end
+    if pos != data_len:
+        raise FormatError(
+            f"header accounts for {pos} data bytes but the file holds {data_len}: truncated or padded",
+            file=path,
+        )
+    return SafetensorsHeader(path, n, tensors, dict(metadata), size)
+
+
+def _tensor_info(path: Path, name: str, entry: object, base: int, data_len: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise FormatError("header entry is not an object", file=path, tensor=name)
+    dtype = entry.get("dtype")
+    shape = entry.get("shape")
+    offsets = entry.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise FormatError(f"unknown dtype {dtype!r}", file=path, tensor=name)
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise FormatError(f"bad shape {shape!r}", file=path, tensor=name)
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+    ):
+        raise FormatError(f"bad data_offsets {offsets!r}", file=path, tensor=name)
+    begin, end = offsets
+    if end < begin:
+        raise FormatError(f"data_offsets {offsets} run backwards", file=path, tensor=name)
+    if end > data_len:
+        raise FormatError(
+            f"data_offsets end at {end} past the end of the data ({data_len} bytes): truncated or the header lies",
+            file=path,
+            tensor=name,
+        )
+    numel = 1
+    for s in shape:
+        numel *= s
+    if numel * DTYPE_SIZES[dtype] != end - begin:
+        raise FormatError(
+            f"{end - begin} bytes do not hold shape {shape} of {dtype}: the header lies",
+            file=path,
+            tensor=name,
+        )
+    return TensorInfo(name, dtype, tuple(shape), path, base + begin, base + end)
+
+
+@dataclass(frozen=True)
+class BaseIndex:
+    """A base model's tensors, read from headers only: one file, a directory, or shards."""
+
+    root: Path
+    files: tuple[Path, ...]
+    tensors: dict[str, TensorInfo]
+    index_path: Path | None = None
+    index_metadata: dict = field(default_factory=dict)
+    file_metadata: dict[Path, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def is_sharded(self) -> bool:
+        return self.index_path is not None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def total_params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+
+_INDEX_NAMES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
+_SINGLE_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
+
+
+def read_base(path: str | os.PathLike) -> BaseIndex:
+    """Describe a base model from its safetensors headers; no tensor data is read."""
+    root = Path(path)
+    if not root.exists():
+        raise FormatError("no such file or directory", file=root)
+    if root.is_file():
+        header = read_header(root)
+        return BaseIndex(root, (root,), dict(header.tensors), None, {}, {root: header.metadata})
+    for name in _INDEX_NAMES:
+        index_path = root / name
+        if index_path.exists():
+            return _read_sharded(root, index_path)
+    for name in _SINGLE_NAMES:
+        if (root / name).exists():
+            return _single(root, root / name)
+    candidates = sorted(root.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return _single(root, candidates[0])
+    pickles = [p.name for p in root.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
+    if pickles:
+        raise FormatError(
+            f"holds only pickle checkpoints ({', '.join(sorted(pickles))}); they are never opened",
+            file=root,
+            hint="convert to safetensors first",
+        )
+    raise FormatError(
+        "no model.safetensors, no model.safetensors.index.json and no single *.safetensors here",
+        file=root,
+    )
+
+
+def _single(root: Path, file: Path) -> BaseIndex:
+    header = read_header(file)
+    return BaseIndex(root, (file,), dict(header.tensors), None, {}, {file: header.metadata})
+
+
+def _read_sharded(root: Path, index_path: Path) -> BaseIndex:
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FormatError("not a valid index: needs a JSON object with weight_map", file=index_path) from exc
+    files: list[Path] = []
+    for fname in weight_map.values():
+        if not isinstance(fname, str) or "/" in fname or "\\" in fname or fname.startswith("."):
+            raise FormatError(f"weight_map names a bad shard {fname!r}", file=index_path)
+        p = root / fname
+        if p not in files:
+            files.append(p)
+    tensors: dict[str, TensorInfo] = {}
+    metas: dict[Path, dict[str, str]] = {}
+    for f in files:
+        header = read_header(f)
+        metas[f] = header.metadata
+        for name, info in header.tensors.items():
+            if name in tensors:
+                raise FormatError(f"also stored in {tensors[name].file.name}", file=f, tensor=name)
+            tensors[name] = info
+    for name, fname in weight_map.items():
+        info = tensors.get(name)
+        if info is None or info.file.name != fname:
+            raise FormatError(f"index says {fname} holds it, but it does not", file=index_path, tensor=name)
+    extra = sorted(set(tensors) - set(weight_map))
+    if extra:
+        raise FormatError("tensor in a shard but not in the index", file=index_path, tensor=extra[0])
+    # Keep the index's order (save_pretrained writes it sorted by name); shard order is the
+    # order of first appearance, which is what the output will reproduce.
+    ordered = {name: tensors[name] for f in files for name in _names_in_file(tensors, f)}
+    return BaseIndex(root, tuple(files), ordered, index_path, index.get("metadata") or {}, metas)
+
+
+def _names_in_file(tensors: dict[str, TensorInfo], f: Path) -> list[str]:
+    return sorted((n for n, t in tensors.items() if t.file == f), key=lambda n: tensors[n].start)

@@ -1,0 +1,110 @@
+"""Loading and saving tensors through validated safetensors headers (torch needed here)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import FormatError, ValidationError
+from ..fsutil import atomic_file
+from .header import FLOAT_DTYPES, TensorInfo, read_header
+
+if TYPE_CHECKING:
+    import torch
+
+_TORCH_DTYPES: dict | None = None
+
+
+def torch_dtype(tag: str) -> torch.dtype:
+    global _TORCH_DTYPES
+    if _TORCH_DTYPES is None:
+        import torch
+
+        _TORCH_DTYPES = {
+            "BOOL": torch.bool,
+            "U8": torch.uint8,
+            "I8": torch.int8,
+            "I16": torch.int16,
+            "I32": torch.int32,
+            "I64": torch.int64,
+            "F16": torch.float16,
+            "BF16": torch.bfloat16,
+            "F32": torch.float32,
+            "F64": torch.float64,
+            "F8_E5M2": torch.float8_e5m2,
+            "F8_E4M3": torch.float8_e4m3fn,
+            "U16": torch.uint16,
+            "U32": torch.uint32,
+            "U64": torch.uint64,
+        }
+    return _TORCH_DTYPES[tag]
+
+
+def dtype_tag(dtype: torch.dtype) -> str:
+    torch_dtype("F32")
+    for tag, dt in _TORCH_DTYPES.items():  # type: ignore[union-attr]
+        if dt == dtype:
+            return tag
+    raise ValidationError(f"dtype {dtype} cannot be stored in safetensors")
+
+
+def tensor_from_bytes(info: TensorInfo, raw: bytes | bytearray | memoryview) -> torch.Tensor:
+    import torch
+
+    if len(raw) != info.nbytes:
+        raise FormatError(f"read {len(raw)} of {info.nbytes} bytes: truncated", file=info.file, tensor=info.name)
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+    t = torch.frombuffer(bytearray(raw) if isinstance(raw, bytes) else raw, dtype=torch_dtype(info.dtype))
+    return t.reshape(info.shape)
+
+
+def read_tensor(info: TensorInfo, fh=None) -> torch.Tensor:
+    """Read one tensor's bytes from its file (``fh`` an open binary handle to reuse)."""
+    own = fh is None
+    if own:
+        fh = open(info.file, "rb")
+    try:
+        fh.seek(info.start)
+        buf = bytearray(info.nbytes)
+        n = fh.readinto(buf)
+        if n != info.nbytes:
+            raise FormatError(f"read {n} of {info.nbytes} bytes: truncated", file=info.file, tensor=info.name)
+        return tensor_from_bytes(info, buf)
+    finally:
+        if own:
+            fh.close()
+
+
+def load_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a validated safetensors file, in header order, and its metadata."""
+    header = read_header(path)
+    out = {}
+    with open(header.path, "rb") as fh:
+        for name, info in sorted(header.tensors.items(), key=lambda kv: kv[1].start):
+            out[name] = read_tensor(info, fh)
+    return out, header.metadata
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: Path | str) -> None:
+    import torch
+
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            raise ValidationError(f"contains {bad}", file=path, tensor=name)
+
+
+def save_file(
+    tensors: dict[str, torch.Tensor], dest: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file atomically (temp beside it, fsync, rename)."""
+    from safetensors.torch import save_file as st_save
+
+    with atomic_file(dest) as tmp:
+        st_save({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def is_float_tag(tag: str) -> bool:
+    return tag in FLOAT_DTYPES
