@@ -172,6 +172,9 @@ class Adapter:
     modules: dict[str, LoraModule]
     meta: AdapterMeta = field(default_factory=AdapterMeta)
     origin: dict[str, Any] = field(default_factory=dict)
+    # Tensors a format stores beside the factors that are not LoRA (peft's saved embedding
+    # layers); carried so the format round-trips, never merged.
+    extra_tensors: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key, mod in self.modules.items():
@@ -220,4 +223,4 @@ class Adapter:
 
     def renamed(self, mapping: dict[str, str]) -> Adapter:
         mods = {mapping.get(n, n): m.with_name(mapping.get(n, n)) for n, m in self.modules.items()}
-        return Adapter(mods, replace(self.meta), dict(self.origin))
+        return Adapter(mods, replace(self.meta), dict(self.origin), dict(self.extra_tensors))

@@ -31,6 +31,48 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _tmp_prefix(dest: Path) -> str:
+    return f"{TMP_MARK}{dest.name}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(dest: Path) -> list[Path]:
+    """Remove temporaries left beside ``dest`` by processes that died (SIGKILL, power loss).
+
+    Temporary names carry the writer's pid; a live writer's files are never touched.
+    """
+    removed = []
+    prefix = _tmp_prefix(dest)
+    try:
+        entries = list(dest.parent.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        if not p.name.startswith(prefix):
+            continue
+        try:
+            pid = int(p.name[len(prefix):].split(".")[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            removed.append(p)
+    return removed
+
+
 def check_output(dest: Path, force: bool) -> None:
     if dest.exists() and not force:
         raise OutputExistsError("already exists", file=dest, hint="pass --force to replace it")
@@ -42,7 +84,8 @@ def atomic_file(dest: str | os.PathLike, *, force: bool = True) -> Iterator[Path
     dest = Path(dest)
     check_output(dest, force)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_MARK + dest.name + ".", dir=dest.parent)
+    clean_stale(dest)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_tmp_prefix(dest)}{os.getpid()}.", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -67,7 +110,8 @@ def atomic_dir(dest: str | os.PathLike, *, force: bool = False) -> Iterator[Path
     dest = Path(dest)
     check_output(dest, force)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_MARK + dest.name + ".", dir=dest.parent))
+    clean_stale(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(dest)}{os.getpid()}.", dir=dest.parent))
     try:
         yield tmp
         for f in tmp.rglob("*"):
@@ -76,7 +120,7 @@ def atomic_dir(dest: str | os.PathLike, *, force: bool = False) -> Iterator[Path
                     os.fsync(fh.fileno())
         old = None
         if dest.exists() or dest.is_symlink():
-            old = dest.parent / f"{TMP_MARK}{dest.name}.old-{os.getpid()}"
+            old = dest.parent / f"{_tmp_prefix(dest)}{os.getpid()}.old"
             os.replace(dest, old)
         os.replace(tmp, dest)
         fsync_dir(dest.parent)

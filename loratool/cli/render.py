@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -36,7 +37,7 @@ def err_console() -> Console:
 
 
 def warn(message: str) -> None:
-    err_console().print(f"[yellow]warning:[/yellow] {message}", markup=True, highlight=False)
+    err_console().print(f"[yellow]warning:[/yellow] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
 
 
 def human_size(n: float) -> str:
@@ -69,7 +70,7 @@ def table(title: str | None, columns: Sequence[str | tuple[str, str]], rows: Seq
 
 
 def echo(text: str = "", **kw) -> None:
-    console().print(text, highlight=False, markup=kw.pop("markup", False), **kw)
+    console().print(text, highlight=False, markup=kw.pop("markup", False), soft_wrap=kw.pop("soft_wrap", True), **kw)
 
 
 class _QuietBar:

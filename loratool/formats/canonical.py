@@ -17,6 +17,7 @@ from ..errors import FormatError, ValidationError
 
 FORMAT_KEY = "loratool"
 FORMAT_VERSION = "1"
+EXTRA = "__extra__."
 
 
 def is_canonical(metadata: dict) -> bool:
@@ -31,6 +32,8 @@ def canonical_parts(adapter: Adapter, *, with_meta: bool = False) -> tuple[dict,
         tensors[name + ".lora_A"] = m.A.contiguous()
         tensors[name + ".lora_B"] = m.B.contiguous()
         modules[name] = {"kind": m.kind, "alpha": m.alpha, "rslora": m.rslora}
+    for key in sorted(adapter.extra_tensors):
+        tensors[EXTRA + key] = adapter.extra_tensors[key].contiguous()
     metadata = {
         FORMAT_KEY: FORMAT_VERSION,
         "loratool.modules": json.dumps(modules, sort_keys=True, separators=(",", ":")),
@@ -43,10 +46,10 @@ def canonical_parts(adapter: Adapter, *, with_meta: bool = False) -> tuple[dict,
 
 def canonical_bytes(adapter: Adapter, *, with_meta: bool = False) -> bytes:
     """Deterministic bytes: the same adapter always serialises to the same sha256."""
-    from safetensors.torch import save
+    from ..tensors.io import serialize
 
     tensors, metadata = canonical_parts(adapter, with_meta=with_meta)
-    return save(tensors, metadata=metadata)
+    return serialize(tensors, metadata)
 
 
 def canonical_from_tensors(tensors: dict, metadata: dict, *, source: object) -> Adapter:
@@ -58,6 +61,7 @@ def canonical_from_tensors(tensors: dict, metadata: dict, *, source: object) -> 
         meta_d = json.loads(metadata["loratool.meta"]) if "loratool.meta" in metadata else {}
     except (KeyError, ValueError) as exc:
         raise FormatError("loratool metadata is missing or not JSON", file=source) from exc
+    extra = {k[len(EXTRA):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(EXTRA)]}
     modules = {}
     for name, info in modules_meta.items():
         try:
@@ -73,4 +77,4 @@ def canonical_from_tensors(tensors: dict, metadata: dict, *, source: object) -> 
     fields = {f.name for f in dataclasses.fields(AdapterMeta)}
     meta = AdapterMeta(**{k: v for k, v in meta_d.items() if k in fields})
     meta.format = meta.format or origin.get("format") or "loratool"
-    return Adapter(modules, meta, origin)
+    return Adapter(modules, meta, origin, extra)

@@ -96,7 +96,14 @@ def read_peft(path: Path) -> Adapter:
 
 def peft_from_tensors(tensors: dict, config: dict, *, source: object) -> Adapter:
     pairs: dict[str, dict[str, Any]] = {}
+    saved_base: dict[str, Any] = {}
     for key, t in tensors.items():
+        if key.endswith(".base_layer.weight"):
+            # peft's save_embedding_layers stores the (possibly resized) full embedding and
+            # lm_head next to the LoRA factors. They are not part of ΔW: carry them unchanged
+            # so that the PEFT layout round-trips, and leave the base's own weights to merges.
+            saved_base[key] = t
+            continue
         for marker, why in _UNSUPPORTED:
             if marker in key:
                 raise ValidationError(why, file=source, tensor=key)
@@ -157,7 +164,7 @@ def peft_from_tensors(tensors: dict, config: dict, *, source: object) -> Adapter
     if not modules:
         raise ValidationError("holds no LoRA tensors", file=source)
     meta = AdapterMeta(base_model=config.get("base_model_name_or_path"), format="peft")
-    return Adapter(modules, meta, {"peft_config": config})
+    return Adapter(modules, meta, {"peft_config": config}, extra_tensors=saved_base)
 
 
 def module_path(name: str) -> str:
@@ -222,6 +229,7 @@ def peft_tensors(adapter: Adapter) -> dict:
         else:
             out[p + ".lora_A.weight"] = m.A
             out[p + ".lora_B.weight"] = m.B
+    out.update(adapter.extra_tensors)
     return out
 
 

@@ -44,13 +44,20 @@ def candidates(name: str, keys: list[str]) -> list[str]:
     return [k for k in keys if k.endswith("." + name) or name.endswith("." + k)]
 
 
-def resolve(adapter: Adapter, base: BaseIndex, *, source: object | None = None) -> Adapter:
+def resolve(adapter: Adapter, base: BaseIndex | dict, *, source: object | None = None) -> Adapter:
     """Rename every module to the base tensor it changes and check its shape fits.
 
     A linear module whose ΔW fits only transposed is taken as fan_in_fan_out (and vice versa),
     which is what PEFT itself does for GPT-2's Conv1D; square weights keep what the adapter says.
     """
-    keys = base.keys()
+    # ``base`` is a BaseIndex (headers of files) or a mapping name → tensor (a state dict).
+    if isinstance(base, BaseIndex):
+        shapes = {n: (tuple(t.shape), t.dtype in FLOAT_DTYPES) for n, t in base.tensors.items()}
+        where = base.root
+    else:
+        shapes = {n: (tuple(t.shape), bool(t.is_floating_point())) for n, t in base.items()}
+        where = "the model"
+    keys = list(shapes)
     mapping: dict[str, str] = {}
     taken: dict[str, str] = {}
     for name in adapter.modules:
@@ -58,7 +65,7 @@ def resolve(adapter: Adapter, base: BaseIndex, *, source: object | None = None) 
         if not found:
             close = difflib.get_close_matches(name, keys, n=3, cutoff=0.5)
             hint = f"closest base tensors: {', '.join(close)}" if close else "is this adapter for another model?"
-            raise ResolutionError(f"matches no tensor of the base {base.root}", file=source, tensor=name, hint=hint)
+            raise ResolutionError(f"matches no tensor of the base {where}", file=source, tensor=name, hint=hint)
         if len(found) > 1:
             raise ResolutionError(f"matches several base tensors: {', '.join(found[:6])}", file=source, tensor=name)
         target = found[0]
@@ -68,10 +75,9 @@ def resolve(adapter: Adapter, base: BaseIndex, *, source: object | None = None) 
         mapping[name] = target
     out = adapter.renamed(mapping)
     for name, mod in out.modules.items():
-        info = base.tensors[name]
-        if info.dtype not in FLOAT_DTYPES:
-            raise ValidationError(f"base tensor is {info.dtype}, not floating point", file=base.root, tensor=name)
-        want = tuple(info.shape)
+        want, is_float = shapes[name]
+        if not is_float:
+            raise ValidationError("base tensor is not floating point", file=where, tensor=name)
         have = mod.base_shape
         if have == want:
             continue

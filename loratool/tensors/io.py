@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -96,14 +97,43 @@ def check_finite(tensors: dict[str, torch.Tensor], path: Path | str) -> None:
             raise ValidationError(f"contains {bad}", file=path, tensor=name)
 
 
+def header_bytes(entries: list[tuple[str, str, tuple[int, ...], int, int]], metadata: dict[str, str] | None) -> bytes:
+    """The 8-byte length and JSON header for (name, dtype tag, shape, begin, end) entries.
+
+    Written by hand rather than by the safetensors package because its header order (a Rust
+    HashMap) changes from call to call, and content addressing needs the same bytes for the
+    same adapter every time. Keys of the metadata are sorted; the header is space-padded to a
+    multiple of 8 bytes, as safetensors does.
+    """
+    obj: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    for name, dtype, shape, begin, end in entries:
+        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+    raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Deterministic safetensors bytes: tensors in name order, metadata sorted."""
+    import torch
+
+    entries, blobs, pos = [], [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        entries.append((name, dtype_tag(t.dtype), tuple(t.shape), pos, pos + len(data)))
+        blobs.append(data)
+        pos += len(data)
+    return header_bytes(entries, metadata) + b"".join(blobs)
+
+
 def save_file(
     tensors: dict[str, torch.Tensor], dest: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
     """Write a safetensors file atomically (temp beside it, fsync, rename)."""
-    from safetensors.torch import save_file as st_save
-
+    data = serialize(tensors, metadata)
     with atomic_file(dest) as tmp:
-        st_save({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        tmp.write_bytes(data)
 
 
 def is_float_tag(tag: str) -> bool:

@@ -1,0 +1,604 @@
+"""The streaming merge engine: W ← W + Σ weightᵢ·ΔWᵢ, one tensor at a time.
+
+A merge is planned first and executed second (STYLE.md, "frozen plans"): the plan resolves
+every adapter module to its base tensor, checks shapes, dtypes and the output path, and
+computes each output file's header from the input headers, before a byte is written. The
+engine then streams each output file in header order:
+
+- a tensor no adapter touches is copied byte for byte with ``copy_file_range`` (the kernel
+  moves the pages; nothing is decoded), consecutive ones as one range;
+- a touched tensor is read once, widened to float32 on the device, gets its deltas added
+  (computed there from the factors in float32), is checked for NaN/Inf, rounded once to the
+  output dtype and written once.
+
+Reading, computing and writing run in three stages joined by small bounded queues, so disk
+and compute overlap and memory stays near a few tensors whatever the model's size. On CUDA the
+reader fills pinned buffers and the copies are non-blocking.
+
+Outputs go to a temporary directory beside OUT and are renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .adapter import Adapter, LoraModule
+from .errors import LoratoolError, ValidationError
+from .formats.resolve import resolve
+from .fsutil import atomic_dir, atomic_file, check_output
+from .tensors.header import DTYPE_SIZES, FLOAT_DTYPES, BaseIndex, TensorInfo, read_base
+from .tensors.io import header_bytes
+
+DTYPE_CHOICES = {"same": None, "float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+PROVENANCE_KEY = "loratool.merges"
+_COPY_CHUNK = 64 << 20
+
+
+@dataclass(frozen=True)
+class AdapterInput:
+    adapter: Adapter
+    weight: float
+    label: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    src: TensorInfo
+    out_dtype: str
+    out_start: int  # offset within the output file's data section
+    modules: tuple[tuple[LoraModule, float], ...]  # (module, weight) pairs; empty → untouched
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.src.numel * DTYPE_SIZES[self.out_dtype]
+
+    @property
+    def raw_copy(self) -> bool:
+        return not self.modules and self.out_dtype == self.src.dtype
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    name: str  # file name inside the output (or the output file itself for a single file)
+    header: bytes  # the complete 8-byte length + JSON header
+    tensors: tuple[TensorPlan, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(t.out_nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    base: BaseIndex
+    out: Path
+    single_file: bool
+    files: tuple[FilePlan, ...]
+    inputs: tuple[AdapterInput, ...]
+    device: str
+    extra_files: tuple[Path, ...]
+    index: dict | None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def touched(self) -> int:
+        return sum(1 for f in self.files for t in f.tensors if t.modules)
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    device: str
+    tensors_changed: int
+    tensors_copied: int
+    bytes_written: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes_written / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "out": str(self.out),
+            "device": self.device,
+            "tensors_changed": self.tensors_changed,
+            "tensors_copied": self.tensors_copied,
+            "bytes_written": self.bytes_written,
+            "seconds": round(self.seconds, 4),
+            "gb_per_s": round(self.gbps, 3),
+            "warnings": self.warnings,
+        }
+
+
+# -- planning -----------------------------------------------------------------------------
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device in ("auto", None):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValidationError(f"--device {device}: no CUDA device is available here", hint="use --device cpu")
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        if idx >= torch.cuda.device_count():
+            raise ValidationError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+        return f"cuda:{idx}"
+    if device != "cpu":
+        raise ValidationError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def base_name(base: BaseIndex) -> str:
+    root = base.root
+    if root.is_file():
+        return root.parent.name if root.name in ("model.safetensors",) else root.stem
+    return root.name
+
+
+def base_identity(base: BaseIndex) -> set[str]:
+    """Names the base is known by: its directory, config's _name_or_path, merge provenance."""
+    names = {base_name(base)}
+    cfg = (base.root if base.root.is_dir() else base.root.parent) / "config.json"
+    try:
+        data = json.loads(cfg.read_text())
+        if isinstance(data.get("_name_or_path"), str):
+            names.add(data["_name_or_path"])
+    except (OSError, ValueError):
+        pass
+    for meta in base.file_metadata.values():
+        if "loratool.base_model" in meta:
+            names.add(meta["loratool.base_model"])
+    return {n.rstrip("/").rsplit("/", 1)[-1].lower() for n in names if n}
+
+
+def merge_history(base: BaseIndex) -> list[dict]:
+    for meta in base.file_metadata.values():
+        if PROVENANCE_KEY in meta:
+            try:
+                hist = json.loads(meta[PROVENANCE_KEY])
+                return hist if isinstance(hist, list) else []
+            except ValueError:
+                return []
+    return []
+
+
+def plan_merge(
+    base_path: str | os.PathLike,
+    inputs: list[AdapterInput],
+    out: str | os.PathLike,
+    *,
+    dtype: str = "same",
+    device: str = "auto",
+    force: bool = False,
+    strict: bool = False,
+) -> MergePlan:
+    """Validate everything a merge needs and freeze it into a plan; writes nothing."""
+    base = read_base(base_path)
+    out = Path(out)
+    check_output(out, force)
+    if out.resolve() == base.root.resolve() or any(out.resolve() == f.resolve() for f in base.files):
+        raise ValidationError("the output may not overwrite the base it reads", file=out)
+    if dtype not in DTYPE_CHOICES:
+        raise ValidationError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    forced = DTYPE_CHOICES[dtype]
+    if not inputs:
+        raise ValidationError("no adapter to merge")
+    dev = pick_device(device)
+    warnings: list[str] = []
+    ident = base_identity(base)
+    history = merge_history(base)
+    by_tensor: dict[str, list[tuple[LoraModule, float]]] = {}
+    for inp in inputs:
+        adapter = resolve(inp.adapter, base, source=inp.label)
+        declared = adapter.meta.base_model
+        if declared:
+            short = declared.rstrip("/").rsplit("/", 1)[-1].lower()
+            if short not in ident:
+                msg = f"{inp.label} was made for {declared!r}, but the base is {base_name(base)!r}"
+                if strict:
+                    raise ValidationError(msg, hint="drop --strict to merge anyway")
+                warnings.append(msg)
+        if inp.weight < 0 and history is not None:
+            net = sum(h.get("weight", 0) for h in history if h.get("sha256") == inp.sha256)
+            if net <= 0:
+                warnings.append(
+                    f"{inp.label} is not recorded as merged into {base_name(base)}; subtracting it anyway"
+                )
+        for name, mod in adapter.modules.items():
+            by_tensor.setdefault(name, []).append((mod, inp.weight))
+    new_history = history + [
+        {"adapter": i.label, "sha256": i.sha256, "weight": i.weight} for i in inputs
+    ]
+    files: list[FilePlan] = []
+    for f in base.files:
+        src_meta = dict(base.file_metadata.get(f, {}))
+        src_meta.setdefault("format", "pt")
+        src_meta[PROVENANCE_KEY] = json.dumps(new_history, separators=(",", ":"))
+        src_meta["loratool.version"] = __version__
+        src_meta.setdefault("loratool.base_model", base_name(base))
+        infos = sorted((t for t in base.tensors.values() if t.file == f), key=lambda t: t.start)
+        entries, plans, pos = [], [], 0
+        for info in infos:
+            out_dtype = forced if (forced and info.dtype in FLOAT_DTYPES) else info.dtype
+            size = info.numel * DTYPE_SIZES[out_dtype]
+            entries.append((info.name, out_dtype, info.shape, pos, pos + size))
+            plans.append(TensorPlan(info.name, info, out_dtype, pos, tuple(by_tensor.get(info.name, ()))))
+            pos += size
+        name = out.name if base.index_path is None and base.root.is_file() else f.name
+        files.append(FilePlan(name, header_bytes(entries, src_meta), tuple(plans)))
+    index = None
+    if base.index_path is not None:
+        index = {
+            "metadata": {**base.index_metadata, "total_size": sum(f.size - len(f.header) for f in files)},
+            "weight_map": {t.name: f.name for f in files for t in f.tensors},
+        }
+    extra: list[Path] = []
+    single = base.root.is_file()
+    if not single:
+        skip = {f.resolve() for f in base.files}
+        if base.index_path is not None:
+            skip.add(base.index_path.resolve())
+        for p in sorted(base.root.iterdir()):
+            if p.is_file() and p.resolve() not in skip and not p.name.startswith("."):
+                extra.append(p)
+    return MergePlan(base, out, single, tuple(files), tuple(inputs), dev, tuple(extra), index, tuple(warnings))
+
+
+# -- execution ----------------------------------------------------------------------------
+
+_DONE = object()
+
+
+class _Stage(threading.Thread):
+    """A pipeline stage: takes items from ``inq``, puts results on ``outq``; errors travel on."""
+
+    def __init__(self, fn, inq: queue.Queue, outq: queue.Queue, stop: threading.Event):
+        super().__init__(daemon=True)
+        self.fn, self.inq, self.outq, self.stop = fn, inq, outq, stop
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                item = self.inq.get()
+                if item is _DONE:
+                    break
+                self.outq.put(self.fn(item))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            self.outq.put(exc)
+            return
+        self.outq.put(_DONE)
+
+
+def _put_all(items, q: queue.Queue, stop: threading.Event) -> None:
+    try:
+        for item in items:
+            if stop.is_set():
+                return
+            q.put(item)
+    finally:
+        q.put(_DONE)
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+    """Copy file bytes without passing them through Python (falls back to read/write)."""
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < length:
+                n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError:
+            pass
+    while done < length:
+        chunk = os.pread(src_fd, min(_COPY_CHUNK, length - done), offset + done)
+        if not chunk:
+            raise ValidationError("unexpected end of file while copying")
+        os.write(dst_fd, chunk)
+        done += len(chunk)
+
+
+def _merged_bytes(tp: TensorPlan, raw: bytearray, device: str, pin: bool):
+    """Widen, add every delta in float32 on ``device``, check, round once; return CPU bytes."""
+    import torch
+
+    from .tensors.io import tensor_from_bytes, torch_dtype
+
+    w = tensor_from_bytes(tp.src, raw)
+    if device != "cpu":
+        w = w.pin_memory() if pin else w
+        w = w.to(device, non_blocking=True)
+    acc = w.to(torch.float64 if tp.src.dtype == "F64" else torch.float32)
+    for mod, weight in tp.modules:
+        acc += mod.delta(weight, device=acc.device, dtype=acc.dtype)
+    if not bool(torch.isfinite(acc).all()):
+        raise ValidationError("the merged weight contains NaN or Inf", file=tp.src.file, tensor=tp.name)
+    out = acc.to(torch_dtype(tp.out_dtype))  # the one rounding
+    if device != "cpu":
+        out = out.to("cpu")
+    return out.contiguous().view(torch.uint8).numpy()
+
+
+def _read(tp: TensorPlan, fds: dict[Path, int]) -> bytearray:
+    buf = bytearray(tp.src.nbytes)
+    view = memoryview(buf)
+    fd, got = fds[tp.src.file], 0
+    while got < len(buf):
+        n = os.preadv(fd, [view[got:]], tp.src.start + got)
+        if n <= 0:
+            raise ValidationError(
+                f"read {got} of {len(buf)} bytes: truncated", file=tp.src.file, tensor=tp.name
+            )
+        got += n
+    return buf
+
+
+def execute(plan: MergePlan, progress: Callable[[int, str | None], None] | None = None) -> MergeResult:
+    """Run a plan; the output appears at ``plan.out`` only if every tensor was written."""
+    t0 = time.perf_counter()
+    progress = progress or (lambda n, label=None: None)
+    fds = {f: os.open(f, os.O_RDONLY) for f in plan.base.files}
+    written = 0
+    try:
+        if plan.single_file:
+            ctx = atomic_file(plan.out, force=True)
+        else:
+            ctx = atomic_dir(plan.out, force=True)
+        with ctx as tmp:
+            for fp in plan.files:
+                dest = tmp if plan.single_file else tmp / fp.name
+                written += _write_file(plan, fp, dest, fds, progress)
+            if not plan.single_file:
+                if plan.index is not None:
+                    (tmp / plan.base.index_path.name).write_text(json.dumps(plan.index, indent=2) + "\n")
+                for p in plan.extra_files:
+                    shutil.copyfile(p, tmp / p.name)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    changed = plan.touched
+    total = sum(len(f.tensors) for f in plan.files)
+    return MergeResult(plan.out, plan.device, changed, total - changed, written, time.perf_counter() - t0, list(plan.warnings))
+
+
+def _write_file(plan: MergePlan, fp: FilePlan, dest: Path, fds: dict[Path, int], progress) -> int:
+    stop = threading.Event()
+    pin = plan.device.startswith("cuda")
+    # Group consecutive raw copies from one source file into single ranges.
+    jobs: list[tuple[str, Any]] = []
+    for tp in fp.tensors:
+        if tp.raw_copy:
+            if jobs and jobs[-1][0] == "copy" and jobs[-1][1][0] == tp.src.file and jobs[-1][1][1] + jobs[-1][1][2] == tp.src.start:
+                f, off, ln, names = jobs[-1][1]
+                jobs[-1] = ("copy", (f, off, ln + tp.src.nbytes, names + 1))
+            else:
+                jobs.append(("copy", (tp.src.file, tp.src.start, tp.src.nbytes, 1)))
+        else:
+            jobs.append(("compute", tp))
+
+    def read_stage(job):
+        kind, payload = job
+        if kind == "copy":
+            return job
+        return ("compute", payload, _read(payload, fds))
+
+    def compute_stage(item):
+        if item[0] == "copy":
+            return item
+        _, tp, raw = item
+        if tp.modules:
+            data = _merged_bytes(tp, raw, plan.device, pin)
+        else:
+            data = _converted_bytes(tp, raw)
+        return ("bytes", tp, data)
+
+    q_jobs: queue.Queue = queue.Queue(maxsize=4)
+    q_read: queue.Queue = queue.Queue(maxsize=2)
+    q_done: queue.Queue = queue.Queue(maxsize=2)
+    feeder = threading.Thread(target=_put_all, args=(jobs, q_jobs, stop), daemon=True)
+    reader = _Stage(read_stage, q_jobs, q_read, stop)
+    computer = _Stage(compute_stage, q_read, q_done, stop)
+    for t in (feeder, reader, computer):
+        t.start()
+    n = 0
+    try:
+        with open(dest, "wb") as out:
+            out.write(fp.header)
+            out.flush()
+            n += len(fp.header)
+            dst_fd = out.fileno()
+            while True:
+                item = q_done.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if item[0] == "copy":
+                    f, off, ln, _ = item[1]
+                    _copy_range(fds[f], dst_fd, off, ln)
+                    n += ln
+                    progress(ln, None)
+                else:
+                    _, tp, data = item
+                    mv = memoryview(data).cast("B")
+                    while len(mv):
+                        k = os.write(dst_fd, mv)
+                        mv = mv[k:]
+                    n += tp.out_nbytes
+                    progress(tp.out_nbytes, tp.name)
+    except BaseException:
+        stop.set()
+        _drain(q_jobs, q_read, q_done)
+        raise
+    finally:
+        for t in (feeder, reader, computer):
+            t.join(timeout=5)
+    if n != fp.size:
+        raise LoratoolError(f"wrote {n} bytes, planned {fp.size}", file=dest)
+    return n
+
+
+def _drain(*queues: queue.Queue) -> None:
+    for q in queues:
+        try:
+            while True:
+                q.get_nowait()
+        except queue.Empty:
+            pass
+
+
+def _converted_bytes(tp: TensorPlan, raw: bytearray):
+    import torch
+
+    from .tensors.io import tensor_from_bytes, torch_dtype
+
+    t = tensor_from_bytes(tp.src, raw)
+    out = t.to(torch.float32).to(torch_dtype(tp.out_dtype)) if tp.src.dtype != "F64" else t.to(torch_dtype(tp.out_dtype))
+    return out.contiguous().view(torch.uint8).numpy()
+
+
+def merge(
+    base_path: str | os.PathLike,
+    inputs: list[AdapterInput],
+    out: str | os.PathLike,
+    *,
+    dtype: str = "same",
+    device: str = "auto",
+    force: bool = False,
+    strict: bool = False,
+    progress: Callable[[int, str | None], None] | None = None,
+) -> MergeResult:
+    """Plan and run a merge (negative weights unmerge). See ``plan_merge``."""
+    plan = plan_merge(base_path, inputs, out, dtype=dtype, device=device, force=force, strict=strict)
+    return execute(plan, progress)
+
+
+# -- round-trip check ---------------------------------------------------------------------
+
+
+def ulp_distance(a, b):
+    """Elementwise distance in units in the last place between two tensors of one float dtype.
+
+    The bit patterns are mapped to integers that are ordered like the values (sign-magnitude to
+    two's complement), so the difference counts the representable values between a and b.
+    """
+    import torch
+
+    ints = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+    it = ints[a.dtype]
+    bits = {torch.int16: 16, torch.int32: 32, torch.int64: 64}[it]
+    sign = 1 << (bits - 1)
+
+    def ordered(t):
+        i = t.contiguous().view(it).to(torch.int64)
+        if bits < 64:
+            i = torch.where(i < 0, -(i + sign), i)  # clear the sign bit, negate
+        else:
+            i = torch.where(i < 0, -(i & (sign - 1)), i)
+        return i
+
+    return (ordered(a) - ordered(b)).abs()
+
+
+def compare_bases(result_path: str | os.PathLike, reference_path: str | os.PathLike) -> dict:
+    """max abs error, max ulp error, tensors checked and exact, between two bases."""
+    import torch
+
+    from .tensors.io import read_tensor
+
+    res = read_base(result_path)
+    ref = read_base(reference_path)
+    missing = sorted(set(ref.tensors) ^ set(res.tensors))
+    if missing:
+        raise ValidationError("the two models hold different tensors", file=result_path, tensor=missing[0])
+    max_abs = 0.0
+    max_ulp = 0
+    exact = 0
+    worst = None
+    for name, rinfo in ref.tensors.items():
+        oinfo = res.tensors[name]
+        if oinfo.shape != rinfo.shape:
+            raise ValidationError(f"shape {list(oinfo.shape)} vs {list(rinfo.shape)}", file=result_path, tensor=name)
+        a = read_tensor(oinfo)
+        b = read_tensor(rinfo)
+        if a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.dtype.is_floating_point else a, b.view(torch.uint8) if b.dtype.is_floating_point else b):
+            exact += 1
+            continue
+        if not a.dtype.is_floating_point:
+            raise ValidationError("integer tensor differs", file=result_path, tensor=name)
+        err = (a.double() - b.double()).abs().max().item()
+        if err > max_abs:
+            max_abs, worst = err, name
+        if a.dtype == b.dtype:
+            max_ulp = max(max_ulp, int(ulp_distance(a, b).max().item()))
+        else:
+            max_ulp = max(max_ulp, int(ulp_distance(a.to(b.dtype), b).max().item()))
+    return {
+        "max_abs_error": max_abs,
+        "max_ulp_error": max_ulp,
+        "tensors_checked": len(ref.tensors),
+        "tensors_exact": exact,
+        "worst_tensor": worst,
+    }
+
+
+# -- in-memory API ------------------------------------------------------------------------
+
+
+def _state(target) -> dict:
+    if hasattr(target, "state_dict") and hasattr(target, "named_parameters"):
+        return target.state_dict(keep_vars=True)
+    return target
+
+
+def merge_into(target, adapter: Adapter, weight: float = 1.0) -> list[str]:
+    """Add ``weight``·ΔW of ``adapter`` into an nn.Module or a state dict, in place.
+
+    Each weight stays on its device and dtype; the sum is taken in float32 there and rounded
+    once. Returns the names of the tensors changed. Nothing changes if any module fails to
+    resolve or fit, or if a result would hold NaN/Inf.
+    """
+    import torch
+
+    state = _state(target)
+    resolved = resolve(adapter, state, source="adapter")
+    updates = {}
+    with torch.no_grad():
+        for name, mod in resolved.modules.items():
+            t = state[name]
+            data = t.data if isinstance(t, torch.nn.Parameter) else t
+            acc = data.to(torch.float64 if data.dtype == torch.float64 else torch.float32)
+            acc = acc + mod.delta(weight, device=data.device, dtype=acc.dtype)
+            if not bool(torch.isfinite(acc).all()):
+                raise ValidationError("the merged weight contains NaN or Inf", tensor=name)
+            updates[name] = acc.to(data.dtype)
+        for name, new in updates.items():
+            t = state[name]
+            (t.data if isinstance(t, torch.nn.Parameter) else t).copy_(new)
+    return list(updates)
+
+
+def unmerge_from(target, adapter: Adapter, weight: float = 1.0) -> list[str]:
+    """Subtract what ``merge_into(target, adapter, weight)`` added."""
+    return merge_into(target, adapter, -weight)

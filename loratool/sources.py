@@ -1,0 +1,46 @@
+"""Turning an ADAPTER argument (a catalog name or a path) into a validated Adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .adapter import Adapter
+from .errors import NotFoundError
+
+
+@dataclass
+class OpenedAdapter:
+    adapter: Adapter
+    label: str  # the catalog name or the path as given
+    sha256: str  # of the canonical form, so a path and its catalog copy agree
+
+
+def canonical_sha256(adapter: Adapter) -> str:
+    from .formats.canonical import canonical_bytes
+
+    return hashlib.sha256(canonical_bytes(adapter)).hexdigest()
+
+
+def open_adapter(spec: str, home: str | os.PathLike | None = None) -> OpenedAdapter:
+    """A path that exists is read as an adapter file or directory; anything else is looked up
+    in the catalog (whose blob is re-hashed before use)."""
+    p = Path(spec)
+    if p.exists():
+        from .formats import load_adapter
+
+        adapter = load_adapter(p)
+        return OpenedAdapter(adapter, spec, canonical_sha256(adapter))
+    from .catalog import Catalog
+
+    catalog = Catalog(home)
+    if not catalog.exists(spec):
+        raise NotFoundError(
+            "no such file, directory or catalog adapter",
+            file=spec,
+            hint="`loratool list` shows the catalog",
+        )
+    adapter = catalog.load(spec)
+    return OpenedAdapter(adapter, spec, catalog.get(spec)["sha256"])
