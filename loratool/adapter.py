@@ -119,6 +119,20 @@ class LoraModule:
         return replace(self, name=name)
 
 
+def build_module(
+    name: str, kind: str, A, B, alpha: float, rslora: bool = False, *, source: object | None = None
+) -> LoraModule:
+    """A validated, finite module; errors name ``source`` (the file it came from)."""
+    try:
+        mod = LoraModule(name, kind, A, B, alpha, rslora)
+    except ValidationError as exc:
+        if exc.file is None and source is not None:
+            raise ValidationError(exc.message, file=source, tensor=exc.tensor, hint=exc.hint) from None
+        raise
+    mod.check_finite(source)
+    return mod
+
+
 def delta_from_factors(
     kind: str,
     A: torch.Tensor,

@@ -9,17 +9,22 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from peft_models import make_case
 from safetensors.torch import load_file, save_file
 
 import loratool
-from loratool.merge import AdapterInput, compare_bases, merge, merge_into, ulp_distance, unmerge_from
+from loratool.merge import (
+    AdapterInput,
+    compare_bases,
+    merge,
+    merge_into,
+    ulp_distance,
+    unmerge_from,
+)
 from loratool.sources import canonical_sha256
-
-from peft_models import make_case
 
 CASE_NAMES = ["llama", "llama_rslora", "llama_embed", "gpt2"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from ..adapter import Adapter, AdapterMeta, LoraModule
+from ..adapter import Adapter, AdapterMeta, build_module
 from ..errors import FormatError, ValidationError
 
 FORMAT_KEY = "loratool"
@@ -69,8 +69,7 @@ def canonical_from_tensors(tensors: dict, metadata: dict, *, source: object) -> 
             B = tensors.pop(name + ".lora_B")
         except KeyError as exc:
             raise ValidationError("metadata names a module whose tensors are missing", file=source, tensor=name) from exc
-        mod = LoraModule(name, info["kind"], A, B, info["alpha"], bool(info.get("rslora")))
-        mod.check_finite(source)
+        mod = build_module(name, info["kind"], A, B, info["alpha"], bool(info.get("rslora")), source=source)
         modules[name] = mod
     if tensors:
         raise ValidationError("tensor not described in the metadata", file=source, tensor=sorted(tensors)[0])

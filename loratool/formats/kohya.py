@@ -19,7 +19,7 @@ import json
 import re
 from pathlib import Path
 
-from ..adapter import Adapter, AdapterMeta, LoraModule
+from ..adapter import Adapter, AdapterMeta, LoraModule, build_module
 from ..errors import ValidationError
 from ..tensors.io import dtype_tag, load_file, save_file, torch_dtype
 
@@ -84,8 +84,7 @@ def kohya_from_tensors(tensors: dict, metadata: dict, *, source: object) -> Adap
         alpha = g.get("alpha", float(A.shape[0]))
         if not math_isfinite(alpha):
             raise ValidationError(f"alpha is {alpha}", file=source, tensor=g.get("alpha_key"))
-        mod = LoraModule(name, kind, A, B, alpha)
-        mod.check_finite(source)
+        mod = build_module(name, kind, A, B, alpha, source=source)
         modules[name] = mod
         if "alpha_shape" in g:
             alpha_shapes.add(json.dumps(g["alpha_shape"]))

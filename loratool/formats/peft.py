@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..adapter import Adapter, AdapterMeta, LoraModule
+from ..adapter import Adapter, AdapterMeta, LoraModule, build_module
 from ..errors import FormatError, ValidationError
 from ..tensors.header import refuse_pickle
 from ..tensors.io import load_file, save_file
@@ -151,7 +151,7 @@ def peft_from_tensors(tensors: dict, config: dict, *, source: object) -> Adapter
             elif fifo:
                 kind = "linear_fifo"
         alpha = pattern_value(alpha_pattern, path, alpha_default)
-        mod = LoraModule(name, kind, A, B, alpha, rslora)
+        mod = build_module(name, kind, A, B, alpha, rslora, source=source)
         declared = pattern_value(rank_pattern, path, r_default)
         if mod.rank != declared:
             raise ValidationError(
@@ -159,7 +159,6 @@ def peft_from_tensors(tensors: dict, config: dict, *, source: object) -> Adapter
                 file=source,
                 tensor=entry["A_key"],
             )
-        mod.check_finite(source)
         modules[name] = mod
     if not modules:
         raise ValidationError("holds no LoRA tensors", file=source)

@@ -101,20 +101,23 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise FormatError(f"truncated: {size} bytes, not even a header length", file=path)
-            if _looks_like_pickle(head):
+            first = fh.read(9)
+            head = first[:8]
+            # A real header's JSON starts right after the length; a pickle's bytes do not.
+            if first[8:9] != b"{" and _looks_like_pickle(first):
                 raise FormatError(
                     "this is a pickle/torch.save file, not safetensors; it is never opened",
                     file=path,
                 )
+            if len(head) < 8:
+                raise FormatError(f"truncated: {size} bytes, not even a header length", file=path)
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or n > size - 8:
                 raise FormatError(
                     f"header length {n} is larger than the file ({size} bytes): truncated or not safetensors",
                     file=path,
                 )
+            fh.seek(8)
             raw = fh.read(n)
     except FileNotFoundError as exc:
         raise FormatError("no such file", file=path) from exc
