@@ -1,0 +1,35 @@
+"""Plotting the spectra of inspect-rank (matplotlib, from the ``plot`` extra)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import MissingDependencyError
+from .fsutil import atomic_file
+
+
+def plot_spectra(report: dict, dest: str) -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "--plot needs matplotlib", hint="pip install 'loratool[plot]'"
+        ) from exc
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for m in report["modules"]:
+        sv = m["singular_values"]
+        if sv and sv[0] > 0:
+            ax.semilogy(range(1, len(sv) + 1), [max(s, 1e-12) for s in sv], alpha=0.6, lw=1)
+    ax.set_xlabel("index i")
+    ax.set_ylabel("σᵢ of scale·B·A")
+    s = report["summary"]
+    ax.set_title(f"{report.get('adapter', '')}: {s['modules']} modules, energy rank ≤ {s['energy_rank_max']} at {s['threshold']:g}")
+    ax.grid(True, which="both", alpha=0.3)
+    dest_path = Path(dest)
+    with atomic_file(dest_path) as tmp:
+        fig.savefig(tmp, format=dest_path.suffix.lstrip(".") or "png", dpi=100)
+    plt.close(fig)
+    return dest_path
