@@ -1,0 +1,131 @@
+"""savings: storage arithmetic for the catalog and for hypothetical adapters."""
+
+from __future__ import annotations
+
+import click
+
+from .options import emit_json, home_from, json_option
+
+
+@click.command()
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+@click.option("--base", "base_path", type=click.Path(exists=True), help="The base model: exact params and bytes from its headers.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="A Hugging Face config.json for a hypothetical adapter.")
+@click.option("--rank", type=int, help="Rank of the hypothetical adapter.")
+@click.option("--targets", help="Comma-separated module names, as PEFT's target_modules (q_proj,v_proj).")
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float32", "float16", "bfloat16", "float8"]), help="Storage dtype of the hypothetical adapter and base.")
+@json_option
+@click.pass_context
+def savings(ctx, names, base_path, config_path, rank, targets, dtype, json_):
+    """How many parameters and bytes adapters save against full fine-tuned copies.
+
+    With NAMEs (default: the whole catalog): each adapter's params (A and B elements), the
+    dense params of the ΔW they stand for, the compression between the two and its bytes.
+    With --base, the catalog view for that base: n task-specific copies would need n × base
+    bytes; the base plus the adapters needs base + Σ adapter bytes. The base is described from
+    its safetensors headers only, so a 100 GB sharded model answers instantly.
+
+    With --rank and --targets, a hypothetical adapter instead, its shapes from --config (a
+    Hugging Face config.json: llama, mistral, qwen2, gemma, gpt2, gpt_neox, bert, roberta,
+    deberta-v2, …) or from --base.
+
+    \b
+    Examples:
+      loratool savings --base ./llama
+      loratool savings --config roberta-base/config.json --rank 8 --targets query,value
+      loratool savings --base ./llama --rank 16 --targets q_proj,k_proj,v_proj,o_proj --json
+    """
+    from . import render
+
+    if rank is not None or targets is not None or config_path is not None:
+        if rank is None or targets is None or (config_path is None and base_path is None):
+            raise click.UsageError("a hypothetical adapter needs --rank, --targets and one of --config / --base")
+        if names:
+            raise click.UsageError("give adapter NAMEs or a hypothetical adapter, not both")
+        target_list = [t.strip() for t in targets.split(",") if t.strip()]
+        if rank < 1:
+            raise click.UsageError("--rank must be at least 1")
+        if config_path is not None:
+            import json as _json
+
+            from ..errors import ValidationError
+            from ..savings_config import hypothetical_adapter
+
+            try:
+                config = _json.loads(open(config_path).read())
+            except ValueError as exc:
+                raise ValidationError("not valid JSON", file=config_path) from exc
+            doc = hypothetical_adapter(config, rank, target_list, dtype=dtype)
+            doc.update({"rank": rank, "targets": target_list, "dtype": dtype, "config": config_path})
+        else:
+            from ..savings import hypothetical_from_base
+
+            doc = hypothetical_from_base(base_path, rank, target_list, dtype)
+        if json_:
+            emit_json(doc)
+            return
+        render.table(
+            f"hypothetical r={rank} adapter on {', '.join(target_list)} ({dtype})",
+            ["", ("params", "right"), ("bytes", "right")],
+            [
+                ["adapter", f"{doc['params']:,}", render.human_size(doc["bytes"])],
+                ["ΔW it stands for", f"{doc['dense_params']:,}", ""],
+                ["base model", f"{doc['base_params']:,}", render.human_size(doc["base_bytes"])],
+            ],
+        )
+        render.echo(
+            f"{doc['modules']} modules; compression {doc['compression']:.1f}×; the adapter is "
+            f"{100 * doc['bytes'] / doc['base_bytes']:.3f}% of the base"
+        )
+        return
+
+    from ..catalog import Catalog
+    from ..errors import NotFoundError
+    from ..savings import report
+
+    cat = Catalog(home_from(ctx))
+    if names:
+        rows = []
+        for n in names:
+            if not cat.exists(n):
+                raise NotFoundError(f"no adapter named {n!r} in the catalog", hint="`loratool list` shows them")
+            rows.append(cat.get(n))
+    else:
+        rows = cat.list()
+    doc = report(rows, base_path)
+    if json_:
+        emit_json(doc)
+        return
+    if not doc["adapters"]:
+        render.echo("the catalog is empty: `loratool add SOURCE --task T` adds an adapter")
+        return
+    base = doc.get("base")
+    rows_out = []
+    for a in doc["adapters"]:
+        row = [a["name"], a["task"], f"{a['params']:,}", f"{a['dense_params']:,}", f"{a['compression']:.1f}×", render.human_size(a["bytes"])]
+        if base:
+            share = a["bytes"] / base["bytes"] if base["bytes"] else 0
+            row.append(_bar(share) + f" {100 * share:.2f}%")
+        rows_out.append(row)
+    cols = ["adapter", "task", ("params", "right"), ("ΔW params", "right"), ("compression", "right"), ("size", "right")]
+    if base:
+        cols.append("size vs base")
+    render.table("adapters against the ΔW they stand for", cols, rows_out)
+    if base:
+        c = doc["catalog"]
+        render.echo(
+            f"base {base['path']}: {base['params']:,} params, {render.human_size(base['bytes'])}\n"
+            f"{c['n_adapters']} fine-tuned copies would take {render.human_size(c['full_copies_bytes'])}; "
+            f"the base plus {c['n_adapters']} adapters takes {render.human_size(c['lora_bytes'])}: "
+            f"{render.human_size(c['saved_bytes'])} saved ({c['ratio']:.1f}× less)"
+        )
+    else:
+        for bm, g in doc["by_base_model"].items():
+            render.echo(f"{bm}: {len(g['adapters'])} adapters, {render.human_size(g['bytes'])} ({g['params']:,} params for {g['dense_params']:,} dense)")
+        render.echo("give --base PATH to compare against full copies of that base")
+
+
+def _bar(share: float, width: int = 20) -> str:
+    # at least one cell so that tiny adapters are still visible
+    n = max(1, round(share * width)) if share > 0 else 0
+    return "█" * min(n, width) + "·" * (width - min(n, width))

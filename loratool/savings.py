@@ -1,0 +1,108 @@
+"""Storage arithmetic: what adapters save against full fine-tuned copies of their base.
+
+Never imports torch: figures come from catalog rows and safetensors headers only, so a 100 GB
+sharded base is described without reading a byte of tensor data.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from .tensors.header import read_base
+
+
+def adapter_figures(row: dict) -> dict:
+    params = int(row["params"])
+    dense = int(row["dense_params"])
+    return {
+        "name": row["name"],
+        "task": row.get("task"),
+        "base_model": row.get("base_model"),
+        "params": params,
+        "dense_params": dense,
+        "bytes": int(row["bytes"]),
+        "compression": dense / params if params else 0.0,
+    }
+
+
+def base_figures(path: str | os.PathLike) -> dict:
+    """Parameters and tensor bytes of a base, from its headers alone."""
+    base = read_base(path)
+    return {
+        "path": str(path),
+        "params": base.total_params,
+        "bytes": base.total_bytes,
+        "files": len(base.files),
+    }
+
+
+def catalog_figures(adapters: list[dict], base: dict) -> dict:
+    """n task-specific copies of the base vs one base plus n adapters."""
+    n = len(adapters)
+    full = n * base["bytes"]
+    lora = base["bytes"] + sum(a["bytes"] for a in adapters)
+    return {
+        "n_adapters": n,
+        "full_copies_bytes": full,
+        "lora_bytes": lora,
+        "saved_bytes": full - lora,
+        "ratio": full / lora if lora else 0.0,
+    }
+
+
+def report(rows: Iterable[dict], base_path: str | os.PathLike | None = None) -> dict:
+    adapters = [adapter_figures(r) for r in rows]
+    doc: dict = {"adapters": adapters}
+    if base_path is not None:
+        base = base_figures(base_path)
+        doc["base"] = base
+        doc["catalog"] = catalog_figures(adapters, base)
+        for a in adapters:
+            a["share_of_base"] = a["bytes"] / base["bytes"] if base["bytes"] else 0.0
+    else:
+        groups: dict[str, list[str]] = {}
+        for a in adapters:
+            groups.setdefault(a["base_model"] or "(unknown)", []).append(a["name"])
+        doc["by_base_model"] = {
+            k: {
+                "adapters": v,
+                "bytes": sum(a["bytes"] for a in adapters if a["name"] in v),
+                "params": sum(a["params"] for a in adapters if a["name"] in v),
+                "dense_params": sum(a["dense_params"] for a in adapters if a["name"] in v),
+            }
+            for k, v in sorted(groups.items())
+        }
+    return doc
+
+
+def hypothetical_from_base(base_path: str | os.PathLike, rank: int, targets: list[str], dtype: str) -> dict:
+    """A hypothetical adapter's figures with exact shapes taken from a base's headers.
+
+    Every 2-D floating tensor whose module name matches a target (PEFT's suffix rule) counts as
+    a Linear d×k: r·(d+k) parameters stand for d·k.
+    """
+    from .errors import ValidationError
+    from .savings_config import DTYPE_BYTES, match_targets
+
+    base = read_base(base_path)
+    mats = {n.removesuffix(".weight"): t for n, t in base.tensors.items() if n.endswith(".weight") and len(t.shape) == 2}
+    hits = match_targets(list(mats), targets)
+    if not hits:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in mats})
+        raise ValidationError(f"--targets {','.join(targets)} match no 2-D weight; modules here: {', '.join(leaves)}", file=base_path)
+    size = DTYPE_BYTES[dtype]
+    params = sum(rank * (mats[n].shape[0] + mats[n].shape[1]) for n in hits)
+    dense = sum(mats[n].shape[0] * mats[n].shape[1] for n in hits)
+    return {
+        "params": params,
+        "dense_params": dense,
+        "bytes": params * size,
+        "modules": len(hits),
+        "compression": dense / params,
+        "base_params": base.total_params,
+        "base_bytes": base.total_params * size,
+        "rank": rank,
+        "targets": targets,
+        "dtype": dtype,
+    }
