@@ -1,0 +1,192 @@
+"""How fast the fast commands answer on a big catalog.
+
+Builds a catalog of N adapters (default 10,000) through the library — one real blob, shared,
+and synthetic module rows — then times ``loratool list``, ``list --task X``, ``list --json``
+and ``show NAME`` as fresh processes (the wall time a user waits, interpreter start included),
+median of several runs. Prints a table and appends it to docs/BENCHMARKS.md.
+
+    .venv/bin/python benchmarks/bench_catalog.py            # 10,000 adapters, 7 runs each
+    .venv/bin/python benchmarks/bench_catalog.py --n 1000 --runs 3 --no-append
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+GOAL_S = 0.3
+TASKS = [f"task-{i:02d}" for i in range(20)]
+BASES = ["meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-0.5B", "mistralai/Mistral-7B-v0.3"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def build(home: Path, n: int, seed: int = 0) -> float:
+    """Fill ``home`` with ``n`` adapters; returns the seconds it took."""
+    import torch
+
+    from loratool.adapter import Adapter, LoraModule
+    from loratool.catalog import AdapterRecord, Catalog, ModuleRecord
+
+    t0 = time.perf_counter()
+    rng = random.Random(seed)
+    cat = Catalog(home)
+    torch.manual_seed(seed)
+    seed_mod = LoraModule(
+        "model.layers.0.self_attn.q_proj.weight",
+        "linear",
+        torch.randn(4, 64),
+        torch.randn(64, 4),
+        8,
+    )
+    row = cat.add_adapter(Adapter({seed_mod.name: seed_mod}), name="seed", task="seed")
+    sha = row["sha256"]
+    records = []
+    for i in range(n - 1):
+        r = rng.choice([4, 8, 16, 32])
+        alpha = float(2 * r)
+        d = 2048
+        layers = rng.choice([4, 8, 16])
+        mods = []
+        for layer in range(layers):
+            for t in TARGETS[: rng.choice([2, 4])]:
+                mods.append(
+                    ModuleRecord(
+                        name=f"model.layers.{layer}.self_attn.{t}.weight",
+                        kind="linear",
+                        a_shape=[r, d],
+                        b_shape=[d, r],
+                        base_shape=[d, d],
+                        rank=r,
+                        alpha=alpha,
+                        scale=alpha / r,
+                        params=2 * r * d,
+                        dense_params=d * d,
+                        dtype="bfloat16",
+                    )
+                )
+        records.append(
+            AdapterRecord(
+                name=f"adapter-{i:05d}",
+                task=rng.choice(TASKS),
+                sha256=sha,
+                modules=mods,
+                bytes=sum(m.params for m in mods) * 2,
+                dtype="bfloat16",
+                base_model=rng.choice(BASES),
+                description=f"synthetic adapter {i}",
+                source=f"/data/runs/{i}",
+                format="peft",
+                tags=rng.sample(["v1", "v2", "prod", "exp", "eval"], rng.randint(0, 2)),
+                meta={"lr": "2e-4", "epochs": str(rng.randint(1, 5))},
+            )
+        )
+    cat.insert_records(records)
+    cat.close()
+    return time.perf_counter() - t0
+
+
+def time_command(args: list[str], home: Path, runs: int) -> tuple[float, int]:
+    env = dict(os.environ, LORATOOL_HOME=str(home))
+    cmd = [sys.executable, "-m", "loratool", *args]
+    times = []
+    size = 0
+    subprocess.run(
+        cmd, env=env, stdout=subprocess.DEVNULL, check=True, cwd=ROOT
+    )  # warm the page cache
+    for _ in range(runs):
+        with tempfile.TemporaryFile() as out:
+            t0 = time.perf_counter()
+            subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.PIPE, check=True, cwd=ROOT)
+            times.append(time.perf_counter() - t0)
+            size = out.tell()
+    return statistics.median(times), size
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--n", type=int, default=10_000, help="adapters in the catalog")
+    ap.add_argument("--runs", type=int, default=7, help="runs per command (the median is reported)")
+    ap.add_argument("--home", type=Path, help="where to build the catalog (default: a temp dir)")
+    ap.add_argument("--no-append", action="store_true", help="do not append to docs/BENCHMARKS.md")
+    args = ap.parse_args()
+
+    tmp = tempfile.TemporaryDirectory(prefix="bench-catalog-")
+    home = args.home or Path(tmp.name) / "home"
+    built = build(home, args.n)
+    print(f"built a catalog of {args.n:,} adapters in {built:.1f} s at {home}")
+
+    commands = [
+        ("python -c pass (interpreter start)", None),
+        ("import loratool.cli, loratool.catalog (startup floor)", None),
+        ("loratool list", ["list"]),
+        ("loratool list --task task-07", ["list", "--task", "task-07"]),
+        ("loratool list --json", ["list", "--json"]),
+        ("loratool list --task task-07 --json", ["list", "--task", "task-07", "--json"]),
+        ("loratool show adapter-04242", ["show", "adapter-04242"]),
+        ("loratool show adapter-04242 --json", ["show", "adapter-04242", "--json"]),
+    ]
+    results = []
+    for label, argv in commands:
+        if argv is None:
+            code = "pass" if "pass" in label else "import loratool.cli, loratool.catalog"
+            times = []
+            for _ in range(args.runs):
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+                times.append(time.perf_counter() - t0)
+            results.append((label, statistics.median(times), 0))
+        else:
+            median, size = time_command(argv, home, args.runs)
+            results.append((label, median, size))
+
+    lines = [
+        "| command | median wall (s) | stdout bytes | under 0.3 s |",
+        "| --- | ---: | ---: | :---: |",
+    ]
+    for label, median, size in results:
+        ok = (
+            ""
+            if label.startswith(("python", "import"))
+            else ("yes" if median < GOAL_S else "**no**")
+        )
+        lines.append(f"| `{label}` | {median:.3f} | {size:,} | {ok} |")
+    table = "\n".join(lines)
+    print(table)
+
+    if not args.no_append:
+        when = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+        cpu = platform.processor() or platform.machine()
+        text = (
+            f"\n## Catalog: fast commands on {args.n:,} adapters ({when})\n\n"
+            f"`{Path(sys.executable).name} benchmarks/bench_catalog.py --n {args.n} --runs {args.runs}` — "
+            f"fresh processes, stdout to a file (so `list` renders rich's table at 80 columns), "
+            f"median of {args.runs} runs; Python {platform.python_version()}, {cpu}, "
+            f"{os.cpu_count()} CPUs. Catalog built through the library in {built:.1f} s.\n\n"
+            f"{table}\n"
+        )
+        doc = ROOT / "docs" / "BENCHMARKS.md"
+        doc.parent.mkdir(exist_ok=True)
+        if not doc.exists():
+            doc.write_text("# Benchmarks\n")
+        with open(doc, "a") as fh:
+            fh.write(text)
+        print(f"appended to {doc}")
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

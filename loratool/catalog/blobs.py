@@ -1,0 +1,253 @@
+"""The content-addressed blob store: one canonical safetensors file per distinct adapter.
+
+Layout under the home::
+
+    blobs/<sha[:2]>/<sha256>.safetensors   immutable, named by the sha256 of their bytes
+    tmp/blob-<pid>-<token>.tmp              a blob being written
+    tmp/op-<pid>-<token>.lock               a write operation in progress (add, remove, …)
+
+A blob is written to ``tmp/``, fsynced and renamed into place, so a blob path only ever holds
+complete bytes. Every file in ``tmp/`` is held under an exclusive ``flock`` by the process that
+created it for as long as it lives; the kernel drops the lock when that process dies, SIGKILL
+included. A file there is *stale* (safe to delete) only when nobody holds its lock **and**
+either its pid is gone or it is older than :data:`STALE_AGE` — the second condition covers the
+instant between a writer creating the file and locking it, so a live writer's file is never
+taken from under it. Without ``fcntl`` (Windows) only the dead-pid-and-old rule applies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import CatalogError
+
+try:  # POSIX
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+BLOB_SUFFIX = ".safetensors"
+STALE_AGE = 60.0  # seconds; a temp file nobody holds and this old belongs to a dead writer
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+_TMP_NAME = re.compile(r"^(?:blob|op)-(?P<pid>\d+)-[0-9a-f]+\.(?:tmp|lock)$")
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def test_hang(point: str) -> None:
+    """Stop here forever when ``LORATOOL_TEST_HANG`` names this point: the crash tests kill
+    the process at a known moment instead of a random one."""
+    if os.environ.get("LORATOOL_TEST_HANG") == point:
+        sys.stderr.write(f"loratool-test-hang {point}\n")
+        sys.stderr.flush()
+        time.sleep(3600)
+
+
+@contextlib.contextmanager
+def _locked_new_file(path: Path) -> Iterator[int]:
+    """Create ``path`` exclusively and hold an exclusive flock on it while the block runs."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
+class BlobStore:
+    """Blobs under ``root``, temporary files under ``tmp``. Writers must hold the catalog's
+    write lock (see ``Catalog``) around :meth:`put` and :meth:`delete` so that the check "is
+    this blob referenced?" and the deletion cannot interleave with another process's add."""
+
+    def __init__(self, root: Path, tmp: Path) -> None:
+        self.root = Path(root)
+        self.tmp = Path(tmp)
+
+    # -- paths --------------------------------------------------------------------------
+    def path(self, sha: str) -> Path:
+        if not _SHA.match(sha or ""):
+            raise CatalogError(f"not a sha256: {sha!r}")
+        return self.root / sha[:2] / (sha + BLOB_SUFFIX)
+
+    def exists(self, sha: str) -> bool:
+        return self.path(sha).is_file()
+
+    def iter_files(self) -> Iterator[tuple[str | None, Path]]:
+        """Every file under the blob root: (sha, path), sha None for a name that is not a blob."""
+        if not self.root.is_dir():
+            return
+        for sub in sorted(self.root.iterdir()):
+            if not sub.is_dir():
+                yield None, sub
+                continue
+            for f in sorted(sub.iterdir()):
+                stem = f.name.removesuffix(BLOB_SUFFIX)
+                ok = f.name.endswith(BLOB_SUFFIX) and _SHA.match(stem) and stem[:2] == sub.name
+                yield (stem if ok and f.is_file() else None), f
+
+    def shas(self) -> set[str]:
+        return {sha for sha, _ in self.iter_files() if sha}
+
+    # -- writing ------------------------------------------------------------------------
+    def put(self, data: bytes) -> tuple[str, bool]:
+        """Store ``data``; returns (sha256, whether a file was written). An existing blob whose
+        bytes no longer match its name (a corrupt copy) is replaced by the good bytes."""
+        sha = hashlib.sha256(data).hexdigest()
+        final = self.path(sha)
+        if final.is_file():
+            try:
+                if final.stat().st_size == len(data) and sha256_file(final) == sha:
+                    return sha, False
+            except OSError:
+                pass
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp / f"blob-{os.getpid()}-{secrets.token_hex(8)}.tmp"
+        try:
+            with _locked_new_file(tmp) as fd:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                os.fsync(fd)
+                test_hang("blob-temp-written")
+                os.replace(tmp, final)
+            fsync_dir(final.parent)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        return sha, True
+
+    def delete(self, sha: str) -> bool:
+        p = self.path(sha)
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            return False
+        with contextlib.suppress(OSError):
+            p.parent.rmdir()  # only when empty
+        return True
+
+    # -- reading ------------------------------------------------------------------------
+    def read_verified(self, sha: str, *, label: str | None = None) -> bytes:
+        """The blob's bytes, after checking they still hash to ``sha``."""
+        p = self.path(sha)
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError as exc:
+            raise CatalogError(
+                f"blob of adapter {label!r} is missing", file=p, hint="run `loratool verify`"
+            ) from exc
+        got = hashlib.sha256(data).hexdigest()
+        if got != sha:
+            raise CatalogError(
+                f"blob of adapter {label!r} is corrupt: its sha256 is {got[:12]}…, expected {sha[:12]}…",
+                file=p,
+                hint="run `loratool verify`; re-add the adapter to repair it",
+            )
+        return data
+
+    # -- temporary files ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def operation(self) -> Iterator[Path]:
+        """Mark a write operation in progress: a locked file in tmp/ that outlives the process
+        only if it dies, telling the next process to run recovery."""
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        marker = self.tmp / f"op-{os.getpid()}-{secrets.token_hex(8)}.lock"
+        with _locked_new_file(marker):
+            try:
+                yield marker
+            finally:
+                with contextlib.suppress(OSError):
+                    marker.unlink()
+
+    def temp_files(self) -> list[Path]:
+        if not self.tmp.is_dir():
+            return []
+        return sorted(p for p in self.tmp.iterdir())
+
+    def is_stale(self, path: Path, *, now: float | None = None) -> bool:
+        """True when no live process can be writing ``path`` (see the module docstring)."""
+        now = time.time() if now is None else now
+        m = _TMP_NAME.match(path.name)
+        try:
+            age = now - path.lstat().st_mtime
+        except FileNotFoundError:
+            return False
+        pid_gone = m is not None and not pid_alive(int(m.group("pid")))
+        if not (pid_gone or age > STALE_AGE):
+            return False
+        if fcntl is None:
+            return pid_gone and age > STALE_AGE
+        if not path.is_file():
+            return True
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # a live process holds it
+        finally:
+            os.close(fd)
+        return True
+
+    def stale_temp_files(self) -> list[Path]:
+        now = time.time()
+        return [p for p in self.temp_files() if self.is_stale(p, now=now)]
+
+    def remove_temp(self, path: Path) -> None:
+        if path.is_dir() and not path.is_symlink():
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
