@@ -78,7 +78,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def test_hang(point: str) -> None:
+def hang_for_tests(point: str) -> None:
     """Stop here forever when ``LORATOOL_TEST_HANG`` names this point: the crash tests kill
     the process at a known moment instead of a random one."""
     if os.environ.get("LORATOOL_TEST_HANG") == point:
@@ -155,7 +155,7 @@ class BlobStore:
                     n = os.write(fd, view)
                     view = view[n:]
                 os.fsync(fd)
-                test_hang("blob-temp-written")
+                hang_for_tests("blob-temp-written")
                 os.replace(tmp, final)
             fsync_dir(final.parent)
         except BaseException:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CatalogError, NotFoundError, ValidationError
-from .blobs import BlobStore, sha256_file, test_hang
+from .blobs import BlobStore, hang_for_tests, sha256_file
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
@@ -673,9 +673,9 @@ class Catalog:
             with self._write():
                 self._check_free(record.name, replace)
                 self.blobs.put(data)
-                test_hang("blob-stored")
+                hang_for_tests("blob-stored")
                 self._insert_locked([record], replace=replace)
-            test_hang("row-committed")
+            hang_for_tests("row-committed")
             self._collect_garbage()
         return self.get(record.name)
 

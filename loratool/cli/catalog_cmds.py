@@ -368,7 +368,9 @@ def remove(ctx, name):
 @click.option("--force", is_flag=True, help="Replace DEST if it exists.")
 @click.pass_context
 def export(ctx, name, dest, fmt, force):
-    """Write a catalog adapter to DEST (its blob is re-hashed first; a corrupt one is refused).
+    """Write a catalog adapter to DEST.
+
+    Its blob is re-hashed first: a corrupt one is refused.
 
     \b
     Example:

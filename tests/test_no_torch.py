@@ -1,0 +1,84 @@
+"""The fast commands never import torch (importing it costs ~2 s; they must answer at once)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_catalog import make_peft_dir
+
+from loratool.catalog import Catalog
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Runs one command through loratool.cli.main, then fails if torch got imported.
+SCRIPT = """
+import sys
+from loratool.cli import main
+args = sys.argv[1:]
+sys.argv = ["loratool", *args]
+try:
+    main()
+    code = 0
+except SystemExit as exc:
+    code = exc.code or 0
+if "torch" in sys.modules:
+    sys.stderr.write("TORCH IMPORTED\\n")
+    sys.exit(99)
+sys.exit(code)
+"""
+
+COMMANDS = [
+    ["list"],
+    ["list", "--json"],
+    ["list", "--task", "t", "--tag", "v1"],
+    ["show", "a"],
+    ["show", "a", "--json"],
+    ["verify"],
+    ["verify", "--json"],
+    ["--help"],
+]
+if importlib.util.find_spec("loratool.cli.savings_cmd") is not None:
+    COMMANDS += [["savings"], ["savings", "--json"], ["savings", "a"]]
+
+
+@pytest.fixture
+def populated(loratool_home, tmp_path):
+    with Catalog(loratool_home) as c:
+        c.add(make_peft_dir(tmp_path / "a"), task="t", tags=["v1"])
+        c.add(make_peft_dir(tmp_path / "b", seed=1), task="u")
+    return loratool_home
+
+
+def run(args, home):
+    env = dict(os.environ, LORATOOL_HOME=str(home))
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT, *args], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=" ".join)
+def test_fast_commands_do_not_import_torch(populated, args):
+    r = run(args, populated)
+    assert "TORCH IMPORTED" not in r.stderr
+    assert r.returncode == 0, r.stderr
+
+
+def test_verify_of_a_damaged_catalog_does_not_import_torch(populated):
+    with Catalog(populated) as c:
+        blob = c.blob_path("a")
+    blob.write_bytes(blob.read_bytes()[:-1] + b"\x00")
+    r = run(["verify"], populated)
+    assert "TORCH IMPORTED" not in r.stderr
+    assert r.returncode == 1 and str(blob) in r.stdout
+
+
+def test_importing_the_catalog_does_not_import_torch():
+    code = (
+        "import sys, loratool.catalog, loratool.cli.catalog_cmds; sys.exit('torch' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
