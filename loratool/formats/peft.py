@@ -176,7 +176,10 @@ def build_config(adapter: Adapter) -> dict[str, Any]:
     original = adapter.origin.get("peft_config")
     mods = list(adapter.modules.values())
     if original is not None and _config_fits(original, mods):
-        return dict(original)
+        config = dict(original)
+        if adapter.meta.base_model:
+            config["base_model_name_or_path"] = adapter.meta.base_model
+        return config
     config = dict(DEFAULT_CONFIG)
     if original:
         for key in ("task_type", "base_model_name_or_path", "revision", "bias"):
