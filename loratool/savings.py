@@ -51,6 +51,26 @@ def catalog_figures(adapters: list[dict], base: dict) -> dict:
     }
 
 
+def fits_base(module_rows: list[dict], base) -> bool:
+    """Whether every module of a catalog adapter names one tensor of ``base`` with its shape.
+
+    Works on catalog rows and headers alone (no torch), so the catalog view of a base can pick
+    out the adapters made for it even when they do not record their base model.
+    """
+    from .formats.resolve import candidates
+
+    keys = base.keys()
+    for m in module_rows:
+        found = candidates(m["name"], keys)
+        if len(found) != 1:
+            return False
+        have = tuple(base.tensors[found[0]].shape)
+        want = tuple(m["base_shape"])
+        if have != want and not (len(want) == 2 and have == want[::-1]):
+            return False
+    return bool(module_rows)
+
+
 def report(rows: Iterable[dict], base_path: str | os.PathLike | None = None) -> dict:
     adapters = [adapter_figures(r) for r in rows]
     doc: dict = {"adapters": adapters}

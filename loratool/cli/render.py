@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -22,10 +23,21 @@ _console: Console | None = None
 _err: Console | None = None
 
 
+def _width() -> int | None:
+    # Piped output has no terminal width; rich would wrap tables at 80 columns. Let them be as
+    # wide as their content (up to $COLUMNS or 200) so that logs and `| less -S` stay readable.
+    if sys.stdout.isatty():
+        return None
+    try:
+        return int(os.environ.get("COLUMNS", "200"))
+    except ValueError:
+        return 200
+
+
 def console() -> Console:
     global _console
     if _console is None:
-        _console = Console(highlight=False)
+        _console = Console(highlight=False, width=_width())
     return _console
 
 

@@ -90,14 +90,29 @@ def savings(ctx, names, base_path, config_path, rank, targets, dtype, json_):
             if not cat.exists(n):
                 raise NotFoundError(f"no adapter named {n!r} in the catalog", hint="`loratool list` shows them")
             rows.append(cat.get(n))
+        others = []
+    elif base_path is not None:
+        # The catalog view of one base: the adapters whose every module fits it.
+        from ..savings import fits_base
+        from ..tensors.header import read_base
+
+        base_index = read_base(base_path)
+        rows, others = [], []
+        for r in cat.list():
+            (rows if fits_base(cat.modules(r["name"]), base_index) else others).append(r)
     else:
-        rows = cat.list()
+        rows, others = cat.list(), []
     doc = report(rows, base_path)
+    if base_path is not None and not names:
+        doc["other_adapters"] = [r["name"] for r in others]
     if json_:
         emit_json(doc)
         return
     if not doc["adapters"]:
-        render.echo("the catalog is empty: `loratool add SOURCE --task T` adds an adapter")
+        if doc.get("other_adapters"):
+            render.echo(f"no catalog adapter fits {base_path}; others: {', '.join(doc['other_adapters'])}")
+        else:
+            render.echo("the catalog is empty: `loratool add SOURCE --task T` adds an adapter")
         return
     base = doc.get("base")
     rows_out = []
@@ -119,6 +134,8 @@ def savings(ctx, names, base_path, config_path, rank, targets, dtype, json_):
             f"the base plus {c['n_adapters']} adapters takes {render.human_size(c['lora_bytes'])}: "
             f"{render.human_size(c['saved_bytes'])} saved ({c['ratio']:.1f}× less)"
         )
+        if doc.get("other_adapters"):
+            render.echo(f"not for this base (left out): {', '.join(doc['other_adapters'])}")
     else:
         for bm, g in doc["by_base_model"].items():
             render.echo(f"{bm}: {len(g['adapters'])} adapters, {render.human_size(g['bytes'])} ({g['params']:,} params for {g['dense_params']:,} dense)")
