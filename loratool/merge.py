@@ -29,11 +29,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from . import __version__
 from .adapter import Adapter, LoraModule
-from .errors import LoratoolError, ValidationError
+from .errors import ValidationError
 from .formats.resolve import resolve
 from .fsutil import atomic_dir, atomic_file, check_output
 from .tensors.header import DTYPE_SIZES, FLOAT_DTYPES, BaseIndex, TensorInfo, read_base
@@ -265,79 +264,46 @@ def plan_merge(
 
 
 # -- execution ----------------------------------------------------------------------------
+#
+# Every byte of an output file has a known offset once the header is planned, so the file is
+# written by position (pwrite, copy_file_range with an explicit offset) rather than in order.
+# That lets two workers run at once: the copier moves the untouched tensors kernel-side while
+# the merger reads, computes and writes the touched ones. A flusher starts writeback of what
+# is already written, so the final fsync does not have to push the whole model to disk at once.
 
 _DONE = object()
+_FLUSH_EVERY = 256 << 20
+# Rows per block when adding a delta: the block of W in float32, its slice of ΔW and the
+# rounded result stay in cache instead of making five passes over the whole tensor.
+_BLOCK_ELEMS = 1 << 18
 
 
-class _Stage(threading.Thread):
-    """A pipeline stage: takes items from ``inq``, puts results on ``outq``; errors travel on."""
-
-    def __init__(self, fn, inq: queue.Queue, outq: queue.Queue, stop: threading.Event):
-        super().__init__(daemon=True)
-        self.fn, self.inq, self.outq, self.stop = fn, inq, outq, stop
-
-    def run(self) -> None:
-        try:
-            while not self.stop.is_set():
-                item = self.inq.get()
-                if item is _DONE:
-                    break
-                self.outq.put(self.fn(item))
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            self.outq.put(exc)
-            return
-        self.outq.put(_DONE)
-
-
-def _put_all(items, q: queue.Queue, stop: threading.Event) -> None:
-    try:
-        for item in items:
-            if stop.is_set():
-                return
-            q.put(item)
-    finally:
-        q.put(_DONE)
-
-
-def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
-    """Copy file bytes without passing them through Python (falls back to read/write)."""
+def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, length: int) -> None:
+    """Copy file bytes without passing them through Python (falls back to pread/pwrite)."""
     done = 0
     if hasattr(os, "copy_file_range"):
         try:
             while done < length:
-                n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done)
+                n = os.copy_file_range(src_fd, dst_fd, length - done, src_off + done, dst_off + done)
                 if n == 0:
                     break
                 done += n
         except OSError:
             pass
     while done < length:
-        chunk = os.pread(src_fd, min(_COPY_CHUNK, length - done), offset + done)
+        chunk = os.pread(src_fd, min(_COPY_CHUNK, length - done), src_off + done)
         if not chunk:
             raise ValidationError("unexpected end of file while copying")
-        os.write(dst_fd, chunk)
+        _pwrite_all(dst_fd, chunk, dst_off + done)
         done += len(chunk)
 
 
-def _merged_bytes(tp: TensorPlan, raw: bytearray, device: str, pin: bool):
-    """Widen, add every delta in float32 on ``device``, check, round once; return CPU bytes."""
-    import torch
-
-    from .tensors.io import tensor_from_bytes, torch_dtype
-
-    w = tensor_from_bytes(tp.src, raw)
-    if device != "cpu":
-        w = w.pin_memory() if pin else w
-        w = w.to(device, non_blocking=True)
-    acc = w.to(torch.float64 if tp.src.dtype == "F64" else torch.float32)
-    for mod, weight in tp.modules:
-        acc += mod.delta(weight, device=acc.device, dtype=acc.dtype)
-    if not bool(torch.isfinite(acc).all()):
-        raise ValidationError("the merged weight contains NaN or Inf", file=tp.src.file, tensor=tp.name)
-    out = acc.to(torch_dtype(tp.out_dtype))  # the one rounding
-    if device != "cpu":
-        out = out.to("cpu")
-    return out.contiguous().view(torch.uint8).numpy()
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    mv = memoryview(data).cast("B")
+    while len(mv):
+        k = os.pwrite(fd, mv, offset)
+        mv = mv[k:]
+        offset += k
 
 
 def _read(tp: TensorPlan, fds: dict[Path, int]) -> bytearray:
@@ -347,28 +313,83 @@ def _read(tp: TensorPlan, fds: dict[Path, int]) -> bytearray:
     while got < len(buf):
         n = os.preadv(fd, [view[got:]], tp.src.start + got)
         if n <= 0:
-            raise ValidationError(
-                f"read {got} of {len(buf)} bytes: truncated", file=tp.src.file, tensor=tp.name
-            )
+            raise ValidationError(f"read {got} of {len(buf)} bytes: truncated", file=tp.src.file, tensor=tp.name)
         got += n
     return buf
+
+
+def _merged(tp: TensorPlan, raw: bytearray, device: str):
+    """W + Σ weight·ΔW: widened to float32 on ``device``, rounded once, back on the CPU.
+
+    ΔW is added block by block with ``addmm`` (acc ← acc + scale·B_blk·A), which computes the
+    same float32 values as forming (B·A)·scale and adding it, without materialising it.
+    """
+    import torch
+
+    from .tensors.io import tensor_from_bytes, torch_dtype
+
+    w = tensor_from_bytes(tp.src, raw)
+    if device != "cpu":
+        w = w.pin_memory().to(device, non_blocking=True)
+    work = torch.float64 if tp.src.dtype == "F64" else torch.float32
+    out_dtype = torch_dtype(tp.out_dtype)
+    rows = w.shape[0]
+    w2 = w.reshape(rows, -1)
+    out = torch.empty(w2.shape, dtype=out_dtype, device=w.device)
+    # Each module's factors as left·right with ΔW (as stored, flattened to 2-D) = left @ right.
+    terms = []
+    for mod, weight in tp.modules:
+        A = mod.A.to(device=w.device, dtype=work)
+        B = mod.B.to(device=w.device, dtype=work)
+        if mod.kind == "linear":
+            left, right = B, A
+        elif mod.kind in ("linear_fifo", "embedding"):
+            left, right = A.T, B.T  # ΔW = (B·A)ᵀ = Aᵀ·Bᵀ
+        else:  # conv2d: ΔW[o, i·kh·kw] = B[o, r]·A[r, i·kh·kw]
+            left, right = B.flatten(1), A.flatten(1)
+        terms.append((left, right, mod.scale * weight))
+    step = max(1, _BLOCK_ELEMS // max(1, w2.shape[1]))
+    for i in range(0, rows, step):
+        acc = w2[i : i + step].to(work)
+        for left, right, scale in terms:
+            acc.addmm_(left[i : i + step], right, alpha=scale)
+        lo, hi = torch.aminmax(acc)  # one pass; NaN propagates into both
+        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+            raise ValidationError("the merged weight contains NaN or Inf", file=tp.src.file, tensor=tp.name)
+        out[i : i + step] = acc  # the one rounding
+    if device != "cpu":
+        out = out.to("cpu")
+    return out.reshape(-1).view(torch.uint8).numpy()
+
+
+def _converted(tp: TensorPlan, raw: bytearray):
+    import torch
+
+    from .tensors.io import tensor_from_bytes, torch_dtype
+
+    t = tensor_from_bytes(tp.src, raw)
+    wide = t if tp.src.dtype == "F64" else t.to(torch.float32)
+    return wide.to(torch_dtype(tp.out_dtype)).reshape(-1).view(torch.uint8).numpy()
 
 
 def execute(plan: MergePlan, progress: Callable[[int, str | None], None] | None = None) -> MergeResult:
     """Run a plan; the output appears at ``plan.out`` only if every tensor was written."""
     t0 = time.perf_counter()
-    progress = progress or (lambda n, label=None: None)
+    lock = threading.Lock()
+    user_progress = progress or (lambda n, label=None: None)
+
+    def report(n: int, label: str | None = None) -> None:
+        with lock:
+            user_progress(n, label)
+
     fds = {f: os.open(f, os.O_RDONLY) for f in plan.base.files}
     written = 0
     try:
-        if plan.single_file:
-            ctx = atomic_file(plan.out, force=True)
-        else:
-            ctx = atomic_dir(plan.out, force=True)
+        ctx = atomic_file(plan.out, force=True) if plan.single_file else atomic_dir(plan.out, force=True)
         with ctx as tmp:
             for fp in plan.files:
                 dest = tmp if plan.single_file else tmp / fp.name
-                written += _write_file(plan, fp, dest, fds, progress)
+                written += _write_file(plan, fp, dest, fds, report)
             if not plan.single_file:
                 if plan.index is not None:
                     (tmp / plan.base.index_path.name).write_text(json.dumps(plan.index, indent=2) + "\n")
@@ -382,100 +403,118 @@ def execute(plan: MergePlan, progress: Callable[[int, str | None], None] | None 
     return MergeResult(plan.out, plan.device, changed, total - changed, written, time.perf_counter() - t0, list(plan.warnings))
 
 
+class _Worker(threading.Thread):
+    """Runs ``fn``; an exception is kept for the caller and stops the other workers."""
+
+    def __init__(self, fn, stop: threading.Event):
+        super().__init__(daemon=True)
+        self.fn, self.stop, self.error = fn, stop, None
+
+    def run(self) -> None:
+        try:
+            self.fn()
+        except BaseException as exc:  # handed to the caller, which re-raises it
+            self.error = exc
+            self.stop.set()
+
+
 def _write_file(plan: MergePlan, fp: FilePlan, dest: Path, fds: dict[Path, int], progress) -> int:
-    stop = threading.Event()
-    pin = plan.device.startswith("cuda")
-    # Group consecutive raw copies from one source file into single ranges.
-    jobs: list[tuple[str, Any]] = []
+    base = len(fp.header)
+    copies: list[list] = []  # [src file, src offset, dst offset, length], consecutive runs joined
+    computes: list[TensorPlan] = []
     for tp in fp.tensors:
         if tp.raw_copy:
-            if jobs and jobs[-1][0] == "copy" and jobs[-1][1][0] == tp.src.file and jobs[-1][1][1] + jobs[-1][1][2] == tp.src.start:
-                f, off, ln, names = jobs[-1][1]
-                jobs[-1] = ("copy", (f, off, ln + tp.src.nbytes, names + 1))
+            last = copies[-1] if copies else None
+            if last and last[0] == tp.src.file and last[1] + last[3] == tp.src.start and last[2] + last[3] == base + tp.out_start:
+                last[3] += tp.src.nbytes
             else:
-                jobs.append(("copy", (tp.src.file, tp.src.start, tp.src.nbytes, 1)))
+                copies.append([tp.src.file, tp.src.start, base + tp.out_start, tp.src.nbytes])
         else:
-            jobs.append(("compute", tp))
+            computes.append(tp)
+    stop = threading.Event()
+    flushed = [0]
+    pending = [0]
+    flush_lock = threading.Lock()
 
-    def read_stage(job):
-        kind, payload = job
-        if kind == "copy":
-            return job
-        return ("compute", payload, _read(payload, fds))
+    with open(dest, "wb") as fh:
+        fd = fh.fileno()
+        _pwrite_all(fd, fp.header, 0)
+        os.ftruncate(fd, fp.size)
 
-    def compute_stage(item):
-        if item[0] == "copy":
-            return item
-        _, tp, raw = item
-        if tp.modules:
-            data = _merged_bytes(tp, raw, plan.device, pin)
-        else:
-            data = _converted_bytes(tp, raw)
-        return ("bytes", tp, data)
+        def wrote(n: int, label: str | None) -> None:
+            progress(n, label)
+            with flush_lock:
+                pending[0] += n
+                go = pending[0] - flushed[0] >= _FLUSH_EVERY
+                if go:
+                    flushed[0] = pending[0]
+            if go:
+                os.fdatasync(fd)  # start writeback now rather than all at the end
 
-    q_jobs: queue.Queue = queue.Queue(maxsize=4)
-    q_read: queue.Queue = queue.Queue(maxsize=2)
-    q_done: queue.Queue = queue.Queue(maxsize=2)
-    feeder = threading.Thread(target=_put_all, args=(jobs, q_jobs, stop), daemon=True)
-    reader = _Stage(read_stage, q_jobs, q_read, stop)
-    computer = _Stage(compute_stage, q_read, q_done, stop)
-    for t in (feeder, reader, computer):
-        t.start()
-    n = 0
-    try:
-        with open(dest, "wb") as out:
-            out.write(fp.header)
-            out.flush()
-            n += len(fp.header)
-            dst_fd = out.fileno()
+        def copier() -> None:
+            for src, src_off, dst_off, length in copies:
+                if stop.is_set():
+                    return
+                _copy_range(fds[src], fd, src_off, dst_off, length)
+                wrote(length, None)
+
+        q: queue.Queue = queue.Queue(maxsize=2)  # bounded: memory stays near a few tensors
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def reader() -> None:
+            try:
+                for tp in computes:
+                    if stop.is_set() or not put((tp, _read(tp, fds))):
+                        return
+            finally:
+                put(_DONE)
+
+        def merger() -> None:
             while True:
-                item = q_done.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                if item[0] == "copy":
-                    f, off, ln, _ = item[1]
-                    _copy_range(fds[f], dst_fd, off, ln)
-                    n += ln
-                    progress(ln, None)
-                else:
-                    _, tp, data = item
-                    mv = memoryview(data).cast("B")
-                    while len(mv):
-                        k = os.write(dst_fd, mv)
-                        mv = mv[k:]
-                    n += tp.out_nbytes
-                    progress(tp.out_nbytes, tp.name)
-    except BaseException:
-        stop.set()
-        _drain(q_jobs, q_read, q_done)
-        raise
-    finally:
-        for t in (feeder, reader, computer):
-            t.join(timeout=5)
-    if n != fp.size:
-        raise LoratoolError(f"wrote {n} bytes, planned {fp.size}", file=dest)
-    return n
+                try:
+                    item = q.get(timeout=0.1)
+                except queue.Empty:
+                    if stop.is_set():
+                        return
+                    continue
+                if item is _DONE or stop.is_set():
+                    return
+                tp, raw = item
+                data = _merged(tp, raw, plan.device) if tp.modules else _converted(tp, raw)
+                _pwrite_all(fd, data, base + tp.out_start)
+                wrote(tp.out_nbytes, tp.name)
 
-
-def _drain(*queues: queue.Queue) -> None:
-    for q in queues:
+        workers = [_Worker(copier, stop), _Worker(reader, stop), _Worker(merger, stop)]
+        for w in workers:
+            w.start()
         try:
-            while True:
-                q.get_nowait()
-        except queue.Empty:
-            pass
-
-
-def _converted_bytes(tp: TensorPlan, raw: bytearray):
-    import torch
-
-    from .tensors.io import tensor_from_bytes, torch_dtype
-
-    t = tensor_from_bytes(tp.src, raw)
-    out = t.to(torch.float32).to(torch_dtype(tp.out_dtype)) if tp.src.dtype != "F64" else t.to(torch_dtype(tp.out_dtype))
-    return out.contiguous().view(torch.uint8).numpy()
+            for w in workers:
+                while w.is_alive():
+                    w.join(0.2)
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            stop.set()
+            while True:  # unblock a reader waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    break
+            for w in workers:
+                w.join(5)
+        for w in workers:
+            if w.error is not None:
+                raise w.error
+    return fp.size
 
 
 def merge(
