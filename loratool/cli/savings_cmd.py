@@ -55,7 +55,7 @@ def savings(ctx, names, base_path, config_path, rank, targets, dtype, json_):
                 config = _json.loads(open(config_path).read())
             except ValueError as exc:
                 raise ValidationError("not valid JSON", file=config_path) from exc
-            doc = hypothetical_adapter(config, rank, target_list, dtype=dtype)
+            doc = hypothetical_adapter(config, rank, target_list, dtype=dtype, source=config_path)
             doc.update({"rank": rank, "targets": target_list, "dtype": dtype, "config": config_path})
         else:
             from ..savings import hypothetical_from_base
