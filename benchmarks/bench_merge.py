@@ -242,7 +242,6 @@ def main():
     ulp_line = ""
     if not args.skip_peft:
         sys.path.insert(0, str(ROOT))
-        import torch
         from safetensors import safe_open
 
         from loratool.merge import ulp_distance

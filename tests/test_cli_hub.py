@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from peft_models import make_case
+from safetensors.torch import load_file
 
 
 @pytest.fixture(scope="module")

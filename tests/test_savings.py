@@ -11,9 +11,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from peft_models import make_case
+from safetensors.torch import save_file
 
 
 @pytest.fixture(scope="module")
