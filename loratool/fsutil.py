@@ -35,13 +35,20 @@ def _tmp_prefix(dest: Path) -> str:
     return f"{TMP_MARK}{dest.name}."
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (another user's live process counts)."""
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    except OSError:
+        return False
     return True
 
 
@@ -63,7 +70,7 @@ def clean_stale(dest: Path) -> list[Path]:
             pid = int(p.name[len(prefix):].split(".")[0])
         except ValueError:
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if not pid_alive(pid):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
