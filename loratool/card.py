@@ -7,18 +7,11 @@ from pathlib import Path
 
 from . import __version__
 from .adapter import Adapter
+from .units import human_size
 
 
 def _yaml_str(s: str) -> str:
     return json.dumps(s)  # a JSON string is a valid YAML scalar
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def model_card(adapter: Adapter, row: dict, repo_id: str, *, base_bytes: int | None = None) -> str:
@@ -43,13 +36,13 @@ def model_card(adapter: Adapter, row: dict, repo_id: str, *, base_bytes: int | N
         "",
         "## Size",
         "",
-        f"- {len(adapter.modules)} adapted weights, {params:,} parameters ({human(adapter.nbytes)}) standing for "
+        f"- {len(adapter.modules)} adapted weights, {params:,} parameters ({human_size(adapter.nbytes)}) standing for "
         f"{dense:,} dense parameters: {dense / params:.1f}× fewer.",
     ]
     if base_bytes:
         lines.append(
-            f"- The base weighs {human(base_bytes)}: this adapter is {100 * adapter.nbytes / base_bytes:.3f}% of a full "
-            f"fine-tuned copy, which would take {human(base_bytes)} more per task."
+            f"- The base weighs {human_size(base_bytes)}: this adapter is {100 * adapter.nbytes / base_bytes:.3f}% of a full "
+            f"fine-tuned copy, which would take {human_size(base_bytes)} more per task."
         )
     report = inspect(adapter)
     s = report["summary"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import click
 
+from ..units import human_count, human_size
 from .options import emit_json, home_from, json_option
 
 # rich lays a table out cell by cell, about 0.5 ms a row: 9 s for 10,000 adapters. Above this
@@ -41,26 +42,6 @@ def _created(ts: str | None) -> str:
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def _human_size(n: float) -> str:
-    # render.human_size's arithmetic, here so that a long plain listing need not import rich
-    # (55 ms of the 0.3 s budget).
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def _human_count(n: float) -> str:
-    n = float(n)
-    for unit in ("", "K", "M", "B"):
-        if abs(n) < 1000:
-            return f"{n:.0f}" if unit == "" else f"{n:.1f}{unit}"
-        n /= 1000
-    return f"{n:.1f}T"
 
 
 def _plain_table(columns, rows) -> None:
@@ -212,8 +193,8 @@ def list_(ctx, task, base_model, tags, json_):
                 r["rank"],
                 _num(r["alpha"]),
                 r["modules"],
-                _human_count(r["params"]),
-                _human_size(r["bytes"]),
+                human_count(r["params"]),
+                human_size(r["bytes"]),
                 (r["created"] or "")[:10],
             )
             for r in rows

@@ -19,6 +19,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from ..units import human_count, human_size  # noqa: F401  (re-exported for commands)
+
 _console: Console | None = None
 _err: Console | None = None
 
@@ -50,24 +52,6 @@ def err_console() -> Console:
 
 def warn(message: str) -> None:
     err_console().print(f"[yellow]warning:[/yellow] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
-
-
-def human_size(n: float) -> str:
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def human_count(n: float) -> str:
-    n = float(n)
-    for unit in ("", "K", "M", "B", "T"):
-        if abs(n) < 1000 or unit == "T":
-            return f"{n:.0f}" if unit == "" else f"{n:.1f}{unit}"
-        n /= 1000
-    return f"{n:.1f}T"
 
 
 def table(title: str | None, columns: Sequence[str | tuple[str, str]], rows: Sequence[Sequence[object]]) -> None:
