@@ -267,15 +267,18 @@ def plan_merge(
 #
 # Every byte of an output file has a known offset once the header is planned, so the file is
 # written by position (pwrite, copy_file_range with an explicit offset) rather than in order.
-# That lets two workers run at once: the copier moves the untouched tensors kernel-side while
-# the merger reads, computes and writes the touched ones. A flusher starts writeback of what
-# is already written, so the final fsync does not have to push the whole model to disk at once.
+# That lets the stages run at once: the copier moves the untouched tensors kernel-side while
+# the reader fills buffers with the touched ones, the merger computes and the writer writes
+# the results. Buffers come from small fixed pools that are reused tensor after tensor: memory
+# stays at a few tensors whatever the model's size, and (on CUDA) the host buffers are pinned
+# once rather than per tensor.
 
 _DONE = object()
-_FLUSH_EVERY = 256 << 20
-# Rows per block when adding a delta: the block of W in float32, its slice of ΔW and the
-# rounded result stay in cache instead of making five passes over the whole tensor.
+# Rows per block when adding a delta: the block of W in float32 and its slice of ΔW stay in
+# cache instead of making several passes over the whole tensor.
 _BLOCK_ELEMS = 1 << 18
+_READ_BUFFERS = 3
+_LARGE = 64 << 20  # tensors above this get two buffers instead of three
 
 
 def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, length: int) -> None:
@@ -306,41 +309,40 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
         offset += k
 
 
-def _read(tp: TensorPlan, fds: dict[Path, int]) -> bytearray:
-    buf = bytearray(tp.src.nbytes)
-    view = memoryview(buf)
-    fd, got = fds[tp.src.file], 0
-    while got < len(buf):
+def _read_into(tp: TensorPlan, fd: int, buf) -> None:
+    """Fill ``buf`` (a uint8 tensor of exactly the tensor's size) from the base file."""
+    view = memoryview(buf.numpy()).cast("B")
+    got = 0
+    while got < len(view):
         n = os.preadv(fd, [view[got:]], tp.src.start + got)
         if n <= 0:
-            raise ValidationError(f"read {got} of {len(buf)} bytes: truncated", file=tp.src.file, tensor=tp.name)
+            raise ValidationError(f"read {got} of {len(view)} bytes: truncated", file=tp.src.file, tensor=tp.name)
         got += n
-    return buf
 
 
-def _merged(tp: TensorPlan, raw: bytearray, device: str):
-    """W + Σ weight·ΔW: widened to float32 on ``device``, rounded once, back on the CPU.
+class _Scratch:
+    """The merger's reusable float32 block, grown to the largest block it has needed."""
 
-    ΔW is added block by block with ``addmm`` (acc ← acc + scale·B_blk·A), which computes the
-    same float32 values as forming (B·A)·scale and adding it, without materialising it.
-    """
-    import torch
+    def __init__(self, device: str):
+        self.device = device
+        self.buf = None
 
-    from .tensors.io import tensor_from_bytes, torch_dtype
+    def block(self, rows: int, cols: int, dtype):
+        import torch
 
-    w = tensor_from_bytes(tp.src, raw)
-    if device != "cpu":
-        w = w.pin_memory().to(device, non_blocking=True)
-    work = torch.float64 if tp.src.dtype == "F64" else torch.float32
-    out_dtype = torch_dtype(tp.out_dtype)
-    rows = w.shape[0]
-    w2 = w.reshape(rows, -1)
-    out = torch.empty(w2.shape, dtype=out_dtype, device=w.device)
-    # Each module's factors as left·right with ΔW (as stored, flattened to 2-D) = left @ right.
+        n = rows * cols
+        if self.buf is None or self.buf.numel() < n or self.buf.dtype != dtype:
+            self.buf = torch.empty(max(n, _BLOCK_ELEMS), dtype=dtype, device=self.device)
+        return self.buf[:n].view(rows, cols)
+
+
+def _factor_terms(tp: TensorPlan, device, work) -> list:
+    """Each module's factors as (left, right, scale) with ΔW (as stored, flattened to 2-D) =
+    scale · left @ right."""
     terms = []
     for mod, weight in tp.modules:
-        A = mod.A.to(device=w.device, dtype=work)
-        B = mod.B.to(device=w.device, dtype=work)
+        A = mod.A.to(device=device, dtype=work)
+        B = mod.B.to(device=device, dtype=work)
         if mod.kind == "linear":
             left, right = B, A
         elif mod.kind in ("linear_fifo", "embedding"):
@@ -348,28 +350,62 @@ def _merged(tp: TensorPlan, raw: bytearray, device: str):
         else:  # conv2d: ΔW[o, i·kh·kw] = B[o, r]·A[r, i·kh·kw]
             left, right = B.flatten(1), A.flatten(1)
         terms.append((left, right, mod.scale * weight))
-    step = max(1, _BLOCK_ELEMS // max(1, w2.shape[1]))
-    for i in range(0, rows, step):
-        acc = w2[i : i + step].to(work)
-        for left, right, scale in terms:
-            acc.addmm_(left[i : i + step], right, alpha=scale)
-        lo, hi = torch.aminmax(acc)  # one pass; NaN propagates into both
-        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
-            raise ValidationError("the merged weight contains NaN or Inf", file=tp.src.file, tensor=tp.name)
-        out[i : i + step] = acc  # the one rounding
-    if device != "cpu":
-        out = out.to("cpu")
-    return out.reshape(-1).view(torch.uint8).numpy()
+    return terms
 
 
-def _converted(tp: TensorPlan, raw: bytearray):
+def _compute(tp: TensorPlan, raw, out, device: str, scratch: _Scratch) -> None:
+    """out ← round(W + Σ weight·ΔW): W widened to float32 on ``device``, rounded once.
+
+    ``raw`` holds W's bytes and ``out`` receives the result's (uint8 tensors on the host).
+    ``out`` may be ``raw`` itself when the output dtype is no wider: each block of rows is
+    taken into the float32 accumulator before its result is stored, and a result row never
+    lies beyond the input rows already taken.
+    ΔW is added block by block with ``addmm`` (acc ← acc + scale·B_blk·A), which computes the
+    same float32 values as forming (B·A)·scale and adding it, without materialising it.
+    """
     import torch
 
-    from .tensors.io import tensor_from_bytes, torch_dtype
+    from .tensors.io import torch_dtype
 
-    t = tensor_from_bytes(tp.src, raw)
-    wide = t if tp.src.dtype == "F64" else t.to(torch.float32)
-    return wide.to(torch_dtype(tp.out_dtype)).reshape(-1).view(torch.uint8).numpy()
+    if tp.src.numel == 0:
+        return
+    src_dtype, out_dtype = torch_dtype(tp.src.dtype), torch_dtype(tp.out_dtype)
+    w = raw.view(src_dtype)
+    if device != "cpu":
+        w = w.to(device, non_blocking=True)
+    rows = tp.src.shape[0] if tp.src.shape else 1
+    w2 = w.view(rows, -1)
+    res = out.view(out_dtype).view(rows, -1) if device == "cpu" else torch.empty(w2.shape, dtype=out_dtype, device=device)
+    work = torch.float64 if tp.src.dtype == "F64" else torch.float32
+    terms = _factor_terms(tp, w.device, work)
+    cols = w2.shape[1]
+    step = max(1, _BLOCK_ELEMS // max(1, cols))
+    for i in range(0, rows, step):
+        n = min(step, rows - i)
+        acc = scratch.block(n, cols, work)
+        acc.copy_(w2[i : i + n])
+        for left, right, scale in terms:
+            acc.addmm_(left[i : i + n], right, alpha=scale)
+        if terms:
+            lo, hi = torch.aminmax(acc)  # one pass; NaN propagates into both
+            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+                raise ValidationError("the merged weight contains NaN or Inf", file=tp.src.file, tensor=tp.name)
+        res[i : i + n].copy_(acc)  # the one rounding
+    if device != "cpu":
+        out.view(out_dtype).view(rows, -1).copy_(res, non_blocking=True)
+        torch.cuda.current_stream(device).synchronize()
+
+
+def _share_cpu(device: str) -> int | None:
+    """On the CPU, leave one core to the copier: torch's thread pool spins at its barriers and
+    loses several-fold when a kernel copy takes one of its cores. Returns the old setting."""
+    if device != "cpu":
+        return None
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(old, (os.cpu_count() or 2) - 1)))
+    return old
 
 
 def execute(plan: MergePlan, progress: Callable[[int, str | None], None] | None = None) -> MergeResult:
@@ -384,12 +420,14 @@ def execute(plan: MergePlan, progress: Callable[[int, str | None], None] | None 
 
     fds = {f: os.open(f, os.O_RDONLY) for f in plan.base.files}
     written = 0
+    threads = _share_cpu(plan.device)
     try:
+        pools = _Pools(plan)
         ctx = atomic_file(plan.out, force=True) if plan.single_file else atomic_dir(plan.out, force=True)
         with ctx as tmp:
             for fp in plan.files:
                 dest = tmp if plan.single_file else tmp / fp.name
-                written += _write_file(plan, fp, dest, fds, report)
+                written += _write_file(plan, fp, dest, fds, report, pools)
             if not plan.single_file:
                 if plan.index is not None:
                     (tmp / plan.base.index_path.name).write_text(json.dumps(plan.index, indent=2) + "\n")
@@ -398,9 +436,41 @@ def execute(plan: MergePlan, progress: Callable[[int, str | None], None] | None 
     finally:
         for fd in fds.values():
             os.close(fd)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
     changed = plan.touched
     total = sum(len(f.tensors) for f in plan.files)
     return MergeResult(plan.out, plan.device, changed, total - changed, written, time.perf_counter() - t0, list(plan.warnings))
+
+
+class _Pools:
+    """Host buffers for the tensors the merger handles, pinned when the device is a GPU.
+
+    A tensor is read into a buffer, merged in place there (when its output dtype is no
+    wider) and written from it, so one pool does for most merges; a second holds outputs
+    wider than their inputs. Three buffers let reading, merging and writing overlap; two when
+    tensors are large, so memory stays at a couple of the largest tensors.
+    """
+
+    def __init__(self, plan: MergePlan):
+        import torch
+
+        computed = [t for f in plan.files for t in f.tensors if not t.raw_copy]
+        pin = plan.device != "cpu"
+        self.read: queue.Queue = queue.Queue()
+        self.wide: queue.Queue = queue.Queue()
+        if not computed:
+            return
+        in_size = max(t.src.nbytes for t in computed)
+        count = min(_READ_BUFFERS if in_size <= _LARGE else 2, len(computed))
+        for _ in range(count):
+            self.read.put(torch.empty(in_size, dtype=torch.uint8, pin_memory=pin))
+        widened = [t for t in computed if t.out_nbytes > t.src.nbytes]
+        if widened:
+            out_size = max(t.out_nbytes for t in widened)
+            self.wide.put(torch.empty(out_size, dtype=torch.uint8, pin_memory=pin))
 
 
 class _Worker(threading.Thread):
@@ -418,7 +488,26 @@ class _Worker(threading.Thread):
             self.stop.set()
 
 
-def _write_file(plan: MergePlan, fp: FilePlan, dest: Path, fds: dict[Path, int], progress) -> int:
+def _get(q: queue.Queue, stop: threading.Event):
+    """q.get() that gives up (returns _DONE) once another stage has failed."""
+    while True:
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            if stop.is_set():
+                return _DONE
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            pass
+
+
+def _write_file(plan: MergePlan, fp: FilePlan, dest: Path, fds: dict[Path, int], progress, pools: _Pools) -> int:
     base = len(fp.header)
     copies: list[list] = []  # [src file, src offset, dst offset, length], consecutive runs joined
     computes: list[TensorPlan] = []
@@ -432,83 +521,67 @@ def _write_file(plan: MergePlan, fp: FilePlan, dest: Path, fds: dict[Path, int],
         else:
             computes.append(tp)
     stop = threading.Event()
-    flushed = [0]
-    pending = [0]
-    flush_lock = threading.Lock()
+    loaded: queue.Queue = queue.Queue()  # (tensor, read buffer): bounded by the read pool
+    merged: queue.Queue = queue.Queue()  # (tensor, out buffer): bounded by the out pool
 
     with open(dest, "wb") as fh:
         fd = fh.fileno()
         _pwrite_all(fd, fp.header, 0)
         os.ftruncate(fd, fp.size)
 
-        def wrote(n: int, label: str | None) -> None:
-            progress(n, label)
-            with flush_lock:
-                pending[0] += n
-                go = pending[0] - flushed[0] >= _FLUSH_EVERY
-                if go:
-                    flushed[0] = pending[0]
-            if go:
-                os.fdatasync(fd)  # start writeback now rather than all at the end
-
         def copier() -> None:
             for src, src_off, dst_off, length in copies:
                 if stop.is_set():
                     return
                 _copy_range(fds[src], fd, src_off, dst_off, length)
-                wrote(length, None)
-
-        q: queue.Queue = queue.Queue(maxsize=2)  # bounded: memory stays near a few tensors
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    pass
-            return False
+                progress(length, None)
 
         def reader() -> None:
-            try:
-                for tp in computes:
-                    if stop.is_set() or not put((tp, _read(tp, fds))):
-                        return
-            finally:
-                put(_DONE)
+            for tp in computes:
+                buf = _get(pools.read, stop)
+                if buf is _DONE:
+                    return
+                view = buf[: tp.src.nbytes]
+                _read_into(tp, fds[tp.src.file], view)
+                _put(loaded, (tp, view, buf), stop)
 
         def merger() -> None:
-            while True:
-                try:
-                    item = q.get(timeout=0.1)
-                except queue.Empty:
-                    if stop.is_set():
-                        return
-                    continue
-                if item is _DONE or stop.is_set():
+            scratch = _Scratch(plan.device)
+            for _ in computes:
+                item = _get(loaded, stop)
+                if item is _DONE:
                     return
-                tp, raw = item
-                data = _merged(tp, raw, plan.device) if tp.modules else _converted(tp, raw)
-                _pwrite_all(fd, data, base + tp.out_start)
-                wrote(tp.out_nbytes, tp.name)
+                tp, raw, buf = item
+                if tp.out_nbytes <= tp.src.nbytes:  # merged in place
+                    _compute(tp, raw, buf[: tp.out_nbytes], plan.device, scratch)
+                    _put(merged, (tp, buf[: tp.out_nbytes], buf, pools.read), stop)
+                    continue
+                out = _get(pools.wide, stop)
+                if out is _DONE:
+                    return
+                _compute(tp, raw, out[: tp.out_nbytes], plan.device, scratch)
+                pools.read.put(buf)
+                _put(merged, (tp, out[: tp.out_nbytes], out, pools.wide), stop)
 
-        workers = [_Worker(copier, stop), _Worker(reader, stop), _Worker(merger, stop)]
+        def writer() -> None:
+            for _ in computes:
+                item = _get(merged, stop)
+                if item is _DONE:
+                    return
+                tp, data, buf, pool = item
+                _pwrite_all(fd, data.numpy(), base + tp.out_start)
+                pool.put(buf)
+                progress(tp.out_nbytes, tp.name)
+
+        workers = [_Worker(fn, stop) for fn in (copier, reader, merger, writer)]
         for w in workers:
             w.start()
         try:
             for w in workers:
                 while w.is_alive():
                     w.join(0.2)
-        except BaseException:
-            stop.set()
-            raise
         finally:
             stop.set()
-            while True:  # unblock a reader waiting on a full queue
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    break
             for w in workers:
                 w.join(5)
         for w in workers:

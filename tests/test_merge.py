@@ -96,6 +96,53 @@ def test_bf16_merge_rounds_once_and_is_within_one_ulp_of_peft(cases, name, tmp_p
         assert int(ulp_distance(ours[k], theirs[k].contiguous()).max()) <= 1, k
 
 
+
+def _dense_deltas(base_dir, adapter_dir):
+    """ΔW per base tensor, in float32, written out from the factors here."""
+    adapter = loratool.resolve(loratool.load_adapter(adapter_dir), loratool.read_base(base_dir))
+    out = {}
+    for k, mod in adapter.modules.items():
+        d = (mod.B.float() @ mod.A.float()) * mod.scale
+        out[k] = d.T if mod.kind in ("linear_fifo", "embedding") else d
+    return out
+
+
+@pytest.mark.parametrize(("stored", "option", "written"), [
+    (torch.bfloat16, "float32", torch.float32),  # wider than stored: no rounding at all
+    (torch.float32, "bfloat16", torch.bfloat16),  # narrower: the float32 sum rounded once
+    (torch.float32, "float16", torch.float16),
+])
+def test_dtype_option_converts_every_float_tensor_and_rounds_once(cases, tmp_path, stored, option, written):
+    case = cases["llama_embed"]
+    src = tmp_path / "base"
+    case.fresh_base(stored).save_pretrained(src)
+    merge(src, [inp(case.adapter_dir)], tmp_path / "out", device="cpu", dtype=option)
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+    base = load_file(src / "model.safetensors")
+    deltas = _dense_deltas(src, case.adapter_dir)
+    assert deltas
+    for k, w in base.items():
+        assert ours[k].dtype == written, k
+        expected = (w.float() + deltas[k]) if k in deltas else w.float()
+        assert torch.equal(ours[k], expected.to(written)), k
+
+
+def test_blockwise_merge_across_many_blocks_equals_dense(cases, tmp_path, monkeypatch):
+    """Blocks of a few rows (with a remainder) give the dense result; in bf16 exactly the
+    float32 sum rounded once, however the rows are split."""
+    import loratool.merge as engine
+
+    case = cases["gpt2"]
+    src = tmp_path / "base"
+    case.fresh_base(torch.bfloat16).save_pretrained(src)
+    monkeypatch.setattr(engine, "_BLOCK_ELEMS", 3 * 64 + 5)  # 3 rows of a 64-wide weight per block
+    merge(src, [inp(case.adapter_dir)], tmp_path / "out", device="cpu")
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+    base = load_file(src / "model.safetensors")
+    for k, d in _dense_deltas(src, case.adapter_dir).items():
+        assert torch.equal(ours[k], (base[k].float() + d).to(torch.bfloat16)), k
+
+
 def test_sharded_base_keeps_its_layout(cases, tmp_path):
     case = cases["llama"]
     sharded = tmp_path / "sharded"
