@@ -260,7 +260,27 @@ def plan_merge(
         for p in sorted(base.root.iterdir()):
             if p.is_file() and p.resolve() not in skip and not p.name.startswith("."):
                 extra.append(p)
-    return MergePlan(base, out, single, tuple(files), tuple(inputs), dev, tuple(extra), index, tuple(warnings))
+    plan = MergePlan(base, out, single, tuple(files), tuple(inputs), dev, tuple(extra), index, tuple(warnings))
+    _check_space(plan)
+    return plan
+
+
+def _check_space(plan: MergePlan) -> None:
+    """Refuse up front a merge that cannot fit on OUT's filesystem, rather than fail near the end."""
+    need = plan.total_bytes + sum(p.stat().st_size for p in plan.extra_files)
+    parent = plan.out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    st = os.statvfs(parent)
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        from .units import human_size
+
+        raise ValidationError(
+            f"needs {human_size(need)} but only {human_size(free)} is free there",
+            file=plan.out,
+            hint="free some space or write OUT elsewhere",
+        )
 
 
 # -- execution ----------------------------------------------------------------------------
@@ -279,6 +299,7 @@ _DONE = object()
 _BLOCK_ELEMS = 1 << 18
 _READ_BUFFERS = 3
 _LARGE = 64 << 20  # tensors above this get two buffers instead of three
+_FLUSH_EVERY = 256 << 20
 
 
 def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, length: int) -> None:
@@ -521,20 +542,31 @@ def _write_file(plan: MergePlan, fp: FilePlan, dest: Path, fds: dict[Path, int],
         else:
             computes.append(tp)
     stop = threading.Event()
-    loaded: queue.Queue = queue.Queue()  # (tensor, read buffer): bounded by the read pool
-    merged: queue.Queue = queue.Queue()  # (tensor, out buffer): bounded by the out pool
+    finished = threading.Event()  # every stage that writes is done
+    more = threading.Condition()  # notified as bytes are written, for the flusher
+    written = [0]
+    flushed = [0]
+    loaded: queue.Queue = queue.Queue()  # (tensor, buffer): as many as the read pool holds
+    merged: queue.Queue = queue.Queue()  # (tensor, result, buffer, its pool)
 
     with open(dest, "wb") as fh:
         fd = fh.fileno()
         _pwrite_all(fd, fp.header, 0)
         os.ftruncate(fd, fp.size)
 
+        def wrote(n: int, label: str | None) -> None:
+            progress(n, label)
+            with more:
+                written[0] += n
+                if written[0] - flushed[0] >= _FLUSH_EVERY:
+                    more.notify()
+
         def copier() -> None:
             for src, src_off, dst_off, length in copies:
                 if stop.is_set():
                     return
                 _copy_range(fds[src], fd, src_off, dst_off, length)
-                progress(length, None)
+                wrote(length, None)
 
         def reader() -> None:
             for tp in computes:
@@ -571,15 +603,33 @@ def _write_file(plan: MergePlan, fp: FilePlan, dest: Path, fds: dict[Path, int],
                 tp, data, buf, pool = item
                 _pwrite_all(fd, data.numpy(), base + tp.out_start)
                 pool.put(buf)
-                progress(tp.out_nbytes, tp.name)
+                wrote(tp.out_nbytes, tp.name)
 
-        workers = [_Worker(fn, stop) for fn in (copier, reader, merger, writer)]
+        def flusher() -> None:
+            # Starts writeback of what is written every _FLUSH_EVERY bytes, in its own thread
+            # so that no stage waits on the disk: the final fsync then finds little left.
+            while True:
+                with more:
+                    while written[0] - flushed[0] < _FLUSH_EVERY and not (finished.is_set() or stop.is_set()):
+                        more.wait(0.5)
+                    if finished.is_set() or stop.is_set():
+                        return
+                    flushed[0] = written[0]
+                os.fdatasync(fd)
+
+        stages = [_Worker(fn, stop) for fn in (copier, reader, merger, writer)]
+        workers = [*stages, _Worker(flusher, stop)]
         for w in workers:
             w.start()
         try:
-            for w in workers:
+            for w in stages:
                 while w.is_alive():
                     w.join(0.2)
+            with more:
+                finished.set()
+                more.notify()
+            while workers[-1].is_alive():
+                workers[-1].join(0.2)
         finally:
             stop.set()
             for w in workers:

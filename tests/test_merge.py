@@ -356,3 +356,18 @@ def test_merge_killed_leaves_no_output(cases, tmp_path):
     assert not out.exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith("out")]
     assert leftovers == []
+
+
+def test_merge_that_cannot_fit_is_refused_before_writing(cases, tmp_path, cli_run, monkeypatch):
+    case = cases["llama"]
+    real = os.statvfs
+
+    class Full:
+        def __init__(self, st):
+            self.f_frsize, self.f_bavail = st.f_frsize, 10  # ten blocks left
+
+    monkeypatch.setattr(os, "statvfs", lambda p: Full(real(p)))
+    r = cli_run("merge", case.base_dir, case.adapter_dir, "-o", tmp_path / "out")
+    assert r.exit_code == 1
+    assert r.stderr.startswith("error: ") and "free" in r.stderr and str(tmp_path / "out") in r.stderr
+    assert list(tmp_path.iterdir()) == []
