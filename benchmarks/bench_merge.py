@@ -188,6 +188,7 @@ def main():
     ap.add_argument("--layers", type=int, default=20)
     ap.add_argument("--workdir", default=str(ROOT / "benchmarks" / "_work"))
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--pause", type=float, default=2.0, help="seconds of idle disk before each run")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-grow", action="store_true")
     ap.add_argument("--write", action="store_true", help="append the table to docs/BENCHMARKS.md")
@@ -216,6 +217,9 @@ def main():
                 continue
             out = work / f"out-{name.split()[0]}"
             rm(out)
+            # every contender starts alike: its previous output deleted, the disk idle
+            subprocess.run(["sync"], check=True)
+            time.sleep(args.pause)
             if name == "cp -r":
                 m = run_measured(["cp", "-r", str(base), str(out)])
             elif name == "loratool merge":
@@ -265,7 +269,8 @@ def main():
     cp_wall = med([m["wall"] for m in results["cp -r"]])
     lines = [
         f"Base: Llama-shaped, {args.layers} layers, bfloat16, {size / 1e9:.2f} GB in one file; adapter r=16 on q,k,v,o, float32. "
-        f"Device: {args.device}. Median of {args.rounds} rounds, alternating order, each process followed by `sync`.",
+        f"Device: {args.device}. Median of {args.rounds} rounds, alternating order; before each run its previous "
+        f"output is deleted, `sync`, {args.pause:g} s pause; each process is followed by `sync`.",
         "",
         "| contender | wall (s) | vs cp | peak RssAnon | maxrss |",
         "|---|---:|---:|---:|---:|",

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .errors import ValidationError
+from .tensors.header import HeaderTensor
 
 if TYPE_CHECKING:
     import torch
@@ -100,7 +101,25 @@ class LoraModule:
         if not math.isfinite(self.alpha):
             raise ValidationError(f"alpha is {self.alpha}", file=source, tensor=name)
 
+    @property
+    def lazy(self) -> bool:
+        """Whether A and B are HeaderTensor stand-ins, not yet read (see ``materialized``)."""
+        return isinstance(self.A, HeaderTensor) or isinstance(self.B, HeaderTensor)
+
+    def materialized(self, source: object | None = None) -> LoraModule:
+        """This module with A and B read into torch tensors and checked finite."""
+        if not self.lazy:
+            return self
+        from .tensors.io import materialize
+
+        mod = replace(self, A=materialize(self.A), B=materialize(self.B))
+        mod.check_finite(source if source is not None else getattr(self.A, "info", None) and self.A.info.file)
+        return mod
+
     def check_finite(self, source: object | None = None) -> None:
+        """NaN/Inf in A or B is an error (lazy factors are checked when materialized)."""
+        if self.lazy:
+            return
         import torch
 
         for label, t in (("lora_A", self.A), ("lora_B", self.B)):

@@ -202,7 +202,10 @@ def plan_merge(
     forced = DTYPE_CHOICES[dtype]
     if not inputs:
         raise ValidationError("no adapter to merge")
-    dev = pick_device(device)
+    # "auto" is settled when the engine imports torch, which it does while the copy runs;
+    # an explicit CUDA device is checked now.
+    dev = device if device in ("auto", None, "cpu") else pick_device(device)
+    dev = dev or "auto"
     warnings: list[str] = []
     ident = base_identity(base)
     history = merge_history(base)
@@ -362,6 +365,7 @@ def _factor_terms(tp: TensorPlan, device, work) -> list:
     scale · left @ right."""
     terms = []
     for mod, weight in tp.modules:
+        mod = mod.materialized()  # lazy factors are read (and checked finite) here
         A = mod.A.to(device=device, dtype=work)
         B = mod.B.to(device=device, dtype=work)
         if mod.kind == "linear":
@@ -417,20 +421,12 @@ def _compute(tp: TensorPlan, raw, out, device: str, scratch: _Scratch) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
-def _share_cpu(device: str) -> int | None:
-    """On the CPU, leave one core to the copier: torch's thread pool spins at its barriers and
-    loses several-fold when a kernel copy takes one of its cores. Returns the old setting."""
-    if device != "cpu":
-        return None
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(old, (os.cpu_count() or 2) - 1)))
-    return old
-
-
 def execute(plan: MergePlan, progress: Callable[[int, str | None], None] | None = None) -> MergeResult:
-    """Run a plan; the output appears at ``plan.out`` only if every tensor was written."""
+    """Run a plan; the output appears at ``plan.out`` only if every tensor was written.
+
+    The copy of untouched tensors starts at once; torch is imported (and the device settled)
+    while it runs, so a process that has not imported torch yet does not wait for it.
+    """
     t0 = time.perf_counter()
     lock = threading.Lock()
     user_progress = progress or (lambda n, label=None: None)
@@ -441,14 +437,13 @@ def execute(plan: MergePlan, progress: Callable[[int, str | None], None] | None 
 
     fds = {f: os.open(f, os.O_RDONLY) for f in plan.base.files}
     written = 0
-    threads = _share_cpu(plan.device)
+    engine = _Engine(plan)
     try:
-        pools = _Pools(plan)
         ctx = atomic_file(plan.out, force=True) if plan.single_file else atomic_dir(plan.out, force=True)
         with ctx as tmp:
             for fp in plan.files:
                 dest = tmp if plan.single_file else tmp / fp.name
-                written += _write_file(plan, fp, dest, fds, report, pools)
+                written += _write_file(fp, dest, fds, report, engine)
             if not plan.single_file:
                 if plan.index is not None:
                     (tmp / plan.base.index_path.name).write_text(json.dumps(plan.index, indent=2) + "\n")
@@ -457,41 +452,63 @@ def execute(plan: MergePlan, progress: Callable[[int, str | None], None] | None 
     finally:
         for fd in fds.values():
             os.close(fd)
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
+        engine.close()
     changed = plan.touched
     total = sum(len(f.tensors) for f in plan.files)
-    return MergeResult(plan.out, plan.device, changed, total - changed, written, time.perf_counter() - t0, list(plan.warnings))
+    device = engine.device or (plan.device if plan.device != "auto" else "cpu")
+    return MergeResult(plan.out, device, changed, total - changed, written, time.perf_counter() - t0, list(plan.warnings))
 
 
-class _Pools:
-    """Host buffers for the tensors the merger handles, pinned when the device is a GPU.
+class _Engine:
+    """What the merger needs from torch, set up on first use: the device, the CPU thread
+    share, and the host buffers.
 
     A tensor is read into a buffer, merged in place there (when its output dtype is no
     wider) and written from it, so one pool does for most merges; a second holds outputs
     wider than their inputs. Three buffers let reading, merging and writing overlap; two when
-    tensors are large, so memory stays at a couple of the largest tensors.
+    tensors are large, so memory stays at a couple of the largest tensors. On a GPU they are
+    pinned, once.
     """
 
     def __init__(self, plan: MergePlan):
-        import torch
-
-        computed = [t for f in plan.files for t in f.tensors if not t.raw_copy]
-        pin = plan.device != "cpu"
+        self.plan = plan
+        self.device: str | None = None
         self.read: queue.Queue = queue.Queue()
         self.wide: queue.Queue = queue.Queue()
-        if not computed:
-            return
-        in_size = max(t.src.nbytes for t in computed)
-        count = min(_READ_BUFFERS if in_size <= _LARGE else 2, len(computed))
-        for _ in range(count):
-            self.read.put(torch.empty(in_size, dtype=torch.uint8, pin_memory=pin))
-        widened = [t for t in computed if t.out_nbytes > t.src.nbytes]
-        if widened:
-            out_size = max(t.out_nbytes for t in widened)
-            self.wide.put(torch.empty(out_size, dtype=torch.uint8, pin_memory=pin))
+        self._threads: int | None = None
+        self._lock = threading.Lock()
+
+    def ready(self) -> None:
+        with self._lock:
+            if self.device is not None:
+                return
+            import torch
+
+            device = pick_device(self.plan.device)
+            if device == "cpu":
+                # Leave one core to the copier: torch's thread pool spins at its barriers and
+                # loses several-fold when a kernel copy takes one of its cores.
+                self._threads = torch.get_num_threads()
+                torch.set_num_threads(max(1, min(self._threads, (os.cpu_count() or 2) - 1)))
+            computed = [t for f in self.plan.files for t in f.tensors if not t.raw_copy]
+            pin = device != "cpu"
+            if computed:
+                in_size = max(t.src.nbytes for t in computed)
+                count = min(_READ_BUFFERS if in_size <= _LARGE else 2, len(computed))
+                for _ in range(count):
+                    self.read.put(torch.empty(in_size, dtype=torch.uint8, pin_memory=pin))
+                widened = [t for t in computed if t.out_nbytes > t.src.nbytes]
+                if widened:
+                    out_size = max(t.out_nbytes for t in widened)
+                    self.wide.put(torch.empty(out_size, dtype=torch.uint8, pin_memory=pin))
+            self.device = device
+
+    def close(self) -> None:
+        if self._threads is not None:
+            import torch
+
+            torch.set_num_threads(self._threads)
+            self._threads = None
 
 
 class _Worker(threading.Thread):
@@ -528,7 +545,7 @@ def _put(q: queue.Queue, item, stop: threading.Event) -> None:
             pass
 
 
-def _write_file(plan: MergePlan, fp: FilePlan, dest: Path, fds: dict[Path, int], progress, pools: _Pools) -> int:
+def _write_file(fp: FilePlan, dest: Path, fds: dict[Path, int], progress, engine: _Engine) -> int:
     base = len(fp.header)
     copies: list[list] = []  # [src file, src offset, dst offset, length], consecutive runs joined
     computes: list[TensorPlan] = []
@@ -570,7 +587,7 @@ def _write_file(plan: MergePlan, fp: FilePlan, dest: Path, fds: dict[Path, int],
 
         def reader() -> None:
             for tp in computes:
-                buf = _get(pools.read, stop)
+                buf = _get(engine.read, stop)
                 if buf is _DONE:
                     return
                 view = buf[: tp.src.nbytes]
@@ -578,22 +595,22 @@ def _write_file(plan: MergePlan, fp: FilePlan, dest: Path, fds: dict[Path, int],
                 _put(loaded, (tp, view, buf), stop)
 
         def merger() -> None:
-            scratch = _Scratch(plan.device)
+            scratch = _Scratch(engine.device)
             for _ in computes:
                 item = _get(loaded, stop)
                 if item is _DONE:
                     return
                 tp, raw, buf = item
                 if tp.out_nbytes <= tp.src.nbytes:  # merged in place
-                    _compute(tp, raw, buf[: tp.out_nbytes], plan.device, scratch)
-                    _put(merged, (tp, buf[: tp.out_nbytes], buf, pools.read), stop)
+                    _compute(tp, raw, buf[: tp.out_nbytes], engine.device, scratch)
+                    _put(merged, (tp, buf[: tp.out_nbytes], buf, engine.read), stop)
                     continue
-                out = _get(pools.wide, stop)
+                out = _get(engine.wide, stop)
                 if out is _DONE:
                     return
-                _compute(tp, raw, out[: tp.out_nbytes], plan.device, scratch)
-                pools.read.put(buf)
-                _put(merged, (tp, out[: tp.out_nbytes], out, pools.wide), stop)
+                _compute(tp, raw, out[: tp.out_nbytes], engine.device, scratch)
+                engine.read.put(buf)
+                _put(merged, (tp, out[: tp.out_nbytes], out, engine.wide), stop)
 
         def writer() -> None:
             for _ in computes:
@@ -617,19 +634,27 @@ def _write_file(plan: MergePlan, fp: FilePlan, dest: Path, fds: dict[Path, int],
                     flushed[0] = written[0]
                 os.fdatasync(fd)
 
-        stages = [_Worker(fn, stop) for fn in (copier, reader, merger, writer)]
-        workers = [*stages, _Worker(flusher, stop)]
+        # The copier and flusher first: they need no torch, which the engine may be importing.
+        stages = [_Worker(copier, stop)]
+        workers = [_Worker(flusher, stop), *stages]
         for w in workers:
             w.start()
         try:
+            if computes:
+                engine.ready()
+                more_stages = [_Worker(fn, stop) for fn in (reader, merger, writer)]
+                stages += more_stages
+                workers += more_stages
+                for w in more_stages:
+                    w.start()
             for w in stages:
                 while w.is_alive():
                     w.join(0.2)
             with more:
                 finished.set()
                 more.notify()
-            while workers[-1].is_alive():
-                workers[-1].join(0.2)
+            while workers[0].is_alive():
+                workers[0].join(0.2)
         finally:
             stop.set()
             for w in workers:

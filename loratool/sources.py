@@ -24,14 +24,14 @@ def canonical_sha256(adapter: Adapter) -> str:
     return hashlib.sha256(canonical_bytes(adapter)).hexdigest()
 
 
-def open_adapter(spec: str, home: str | os.PathLike | None = None) -> OpenedAdapter:
+def open_adapter(spec: str, home: str | os.PathLike | None = None, *, lazy: bool = False) -> OpenedAdapter:
     """A path that exists is read as an adapter file or directory; anything else is looked up
-    in the catalog (whose blob is re-hashed before use)."""
+    in the catalog (whose blob is re-hashed before use). ``lazy``: see ``load_adapter``."""
     p = Path(spec)
     if p.exists():
         from .formats import load_adapter
 
-        adapter = load_adapter(p)
+        adapter = load_adapter(p, lazy=lazy)
         return OpenedAdapter(adapter, spec, canonical_sha256(adapter))
     from .catalog import Catalog
 
@@ -42,5 +42,5 @@ def open_adapter(spec: str, home: str | os.PathLike | None = None) -> OpenedAdap
             file=spec,
             hint="`loratool list` shows the catalog",
         )
-    adapter = catalog.load(spec)
+    adapter = catalog.load(spec, lazy=lazy)
     return OpenedAdapter(adapter, spec, catalog.get(spec)["sha256"])

@@ -285,6 +285,36 @@ def test_header_offsets_past_end_and_overlapping(tmp_path):
         load_adapter(write_bytes(tmp_path / "s.safetensors", _rewrite_header(data, wrong_shape)))
 
 
+
+@pytest.mark.parametrize("alpha_dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_lazy_read_agrees_with_eager_read(cases, tmp_path, alpha_dtype):
+    """Header-only reading (what a merge plans with) gives the same modules and content hash."""
+    from loratool.sources import canonical_sha256
+    from loratool.tensors.header import HeaderTensor
+
+    src = tmp_path / "k.safetensors"
+    kohya_file(src, alpha_dtype=alpha_dtype)
+    for path in [src, *(c.adapter_dir for c in cases.values())]:
+        eager, lazy = load_adapter(path), load_adapter(path, lazy=True)
+        assert set(eager.modules) == set(lazy.modules)
+        for name, m in eager.modules.items():
+            lm = lazy.modules[name]
+            assert isinstance(lm.A, HeaderTensor) and lm.lazy
+            assert (lm.kind, lm.alpha, lm.rank, lm.base_shape) == (m.kind, m.alpha, m.rank, m.base_shape), name
+            real = lm.materialized()
+            assert torch.equal(real.A, m.A) and torch.equal(real.B, m.B), name
+        assert canonical_sha256(lazy) == canonical_sha256(eager)
+
+
+def test_lazy_factors_are_checked_for_nan_when_read(tmp_path):
+    p = tmp_path / "n.safetensors"
+    B = torch.ones(3, 2)
+    B[2, 0] = float("nan")
+    save_file({"a.lora_A.weight": torch.ones(2, 3), "a.lora_B.weight": B}, p)
+    mod = load_adapter(p, lazy=True).modules["a.weight"]
+    with pytest.raises(ValidationError, match=r"n\.safetensors: a\.weight: lora_B contains NaN"):
+        mod.materialized()
+
 def test_rank_mismatch(tmp_path):
     p = tmp_path / "r.safetensors"
     save_file({"a.lora_A.weight": torch.ones(2, 3), "a.lora_B.weight": torch.ones(3, 4)}, p)

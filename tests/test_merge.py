@@ -371,3 +371,29 @@ def test_merge_that_cannot_fit_is_refused_before_writing(cases, tmp_path, cli_ru
     assert r.exit_code == 1
     assert r.stderr.startswith("error: ") and "free" in r.stderr and str(tmp_path / "out") in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+
+def test_cli_process_exit_codes_and_nan_factor_found_during_the_copy(cases, tmp_path):
+    """Through the real entry point (which skips torch's teardown): exit 0 with complete JSON;
+    a NaN in a factor, found only once the engine reads the factors, exits 1 with one error
+    line naming the file and tensor, and leaves nothing."""
+    case = cases["llama"]
+    run = lambda *a: subprocess.run([sys.executable, "-m", "loratool", *map(str, a)], capture_output=True, text=True)  # noqa: E731
+    ok = run("merge", case.base_dir, case.adapter_dir, "-o", tmp_path / "ok", "--device", "cpu", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["tensors_changed"] == len(loratool.load_adapter(case.adapter_dir).modules)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((case.adapter_dir / "adapter_config.json").read_text())
+    sd = load_file(case.adapter_dir / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
+    sd[key][0, 0] = float("nan")
+    save_file(sd, bad / "adapter_model.safetensors")
+    r = run("merge", case.base_dir, bad, "-o", tmp_path / "out", "--device", "cpu")
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "adapter_model.safetensors" in lines[0] and "model.layers.1.self_attn.v_proj.weight" in lines[0]
+    assert "lora_A contains NaN" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "ok"]

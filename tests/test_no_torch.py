@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Runs one command through loratool.cli.main, then fails if torch got imported.
 SCRIPT = """
-import sys
+import os, sys
+os.environ["LORATOOL_NO_FAST_EXIT"] = "1"  # else main() would exit before the check below
 from loratool.cli import main
 args = sys.argv[1:]
 sys.argv = ["loratool", *args]
@@ -82,3 +83,21 @@ def test_importing_the_catalog_does_not_import_torch():
         "import sys, loratool.catalog, loratool.cli.catalog_cmds; sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_planning_a_merge_does_not_import_torch(tmp_path):
+    """The merge is planned (adapter read, checked, hashed; header computed) without torch, so
+    that the engine can start copying while torch is imported."""
+    code = f"""
+import sys
+from loratool.merge import AdapterInput, plan_merge
+from loratool.sources import open_adapter
+for spec in ("fixtures/adapters/llama-plain", "fixtures/adapters/conv-kohya.safetensors"):
+    opened = open_adapter(spec, lazy=True)
+    base = "fixtures/llama" if "llama" in spec else "fixtures/conv"
+    plan = plan_merge(base, [AdapterInput(opened.adapter, 1.0, spec, opened.sha256)], {str(tmp_path)!r} + "/o", device="cpu")
+    assert plan.touched == len(opened.adapter.modules)
+sys.exit(99 if "torch" in sys.modules else 0)
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -591,11 +591,22 @@ class Catalog:
     def blob_path(self, name: str) -> Path:
         return self.blobs.path(self._row(name)["sha256"])
 
-    def load(self, name: str) -> Adapter:
-        """The adapter, from its blob, which is re-hashed first: a corrupt blob is refused."""
+    def load(self, name: str, *, lazy: bool = False) -> Adapter:
+        """The adapter, from its blob, which is re-hashed first: a corrupt blob is refused.
+
+        ``lazy``: HeaderTensor factors over the (immutable) blob file, as ``load_adapter``.
+        """
         row = self.get(name)
         data = self.blobs.read_verified(row["sha256"], label=name)
-        adapter = adapter_from_blob(data, source=self.blobs.path(row["sha256"]))
+        path = self.blobs.path(row["sha256"])
+        if lazy:
+            from ..formats.canonical import canonical_from_tensors
+            from ..tensors.io import load_file
+
+            tensors, metadata = load_file(path, lazy=True)
+            adapter = canonical_from_tensors(tensors, metadata, source=path)
+        else:
+            adapter = adapter_from_blob(data, source=path)
         m = adapter.meta
         m.name, m.task, m.base_model = name, row["task"], row["base_model"]
         m.tags, m.description, m.source = list(row["tags"]), row["description"], row["source"]

@@ -16,7 +16,7 @@ def _open_inputs(ctx, specs, sign: float):
     inputs = []
     for spec in specs:
         name, weight = parse_weighted(spec)
-        opened = open_adapter(name, home_from(ctx))
+        opened = open_adapter(name, home_from(ctx), lazy=True)  # torch is imported during the copy
         inputs.append(AdapterInput(opened.adapter, sign * weight, opened.label, opened.sha256))
     return inputs
 

@@ -43,16 +43,20 @@ def detect_format(path: str | os.PathLike) -> str:
     raise FormatError("no LoRA tensors found (lora_A/lora_B or lora_down/lora_up)", file=p)
 
 
-def load_adapter(path: str | os.PathLike) -> Adapter:
-    """Read and validate an adapter in any supported format."""
+def load_adapter(path: str | os.PathLike, *, lazy: bool = False) -> Adapter:
+    """Read and validate an adapter in any supported format.
+
+    With ``lazy``, only headers are read: the factors are HeaderTensor stand-ins (no torch
+    needed) that ``LoraModule.materialized`` reads, and checks for NaN/Inf, when needed.
+    """
     p = Path(path)
     fmt = detect_format(p)
     if fmt == "peft":
         folder = p if p.is_dir() else p.parent
-        adapter = read_peft(folder)
+        adapter = read_peft(folder, lazy=lazy)
     else:
         file = p if p.is_file() else sorted(p.glob("*.safetensors"))[0]
-        tensors, metadata = load_file(file)
+        tensors, metadata = load_file(file, lazy=lazy)
         if fmt == "loratool":
             adapter = canonical_from_tensors(tensors, metadata, source=file)
         else:

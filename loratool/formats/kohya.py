@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..adapter import Adapter, AdapterMeta, LoraModule, build_module
 from ..errors import ValidationError
+from ..tensors.header import HeaderTensor
 from ..tensors.io import dtype_tag, load_file, save_file, torch_dtype
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_")
@@ -38,8 +39,8 @@ def is_flat_stem(name: str) -> bool:
     return name.startswith("lora_") and "." not in name
 
 
-def read_kohya(path: Path) -> Adapter:
-    tensors, metadata = load_file(path)
+def read_kohya(path: Path, *, lazy: bool = False) -> Adapter:
+    tensors, metadata = load_file(path, lazy=lazy)
     return kohya_from_tensors(tensors, metadata, source=path)
 
 
@@ -59,7 +60,7 @@ def kohya_from_tensors(tensors: dict, metadata: dict, *, source: object) -> Adap
         if part == "alpha":
             if t.numel() != 1:
                 raise ValidationError(f"alpha must be a scalar, got shape {tuple(t.shape)}", file=source, tensor=key)
-            g["alpha"] = float(t.float().reshape(()).item())
+            g["alpha"] = t.scalar() if isinstance(t, HeaderTensor) else float(t.float().reshape(()).item())
             g["alpha_key"] = key
             alpha_dtype = dtype_tag(t.dtype)
             g["alpha_shape"] = list(t.shape)

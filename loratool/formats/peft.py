@@ -68,7 +68,7 @@ def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
     return default
 
 
-def read_peft(path: Path) -> Adapter:
+def read_peft(path: Path, *, lazy: bool = False) -> Adapter:
     path = Path(path)
     cfg_path = path / CONFIG
     try:
@@ -90,7 +90,7 @@ def read_peft(path: Path) -> Adapter:
             if (path / name).exists():
                 refuse_pickle(path / name)
         raise FormatError(f"no {WEIGHTS}", file=path)
-    tensors, _ = load_file(weights)
+    tensors, _ = load_file(weights, lazy=lazy)
     return peft_from_tensors(tensors, config, source=weights)
 
 

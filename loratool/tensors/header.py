@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import FormatError
+from ..errors import FormatError, ValidationError
 
 # Bytes per element, by safetensors dtype tag.
 DTYPE_SIZES: dict[str, int] = {
@@ -301,3 +301,67 @@ def _read_sharded(root: Path, index_path: Path) -> BaseIndex:
 
 def _names_in_file(tensors: dict[str, TensorInfo], f: Path) -> list[str]:
     return sorted((n for n, t in tensors.items() if t.file == f), key=lambda n: tensors[n].start)
+
+
+_SCALAR_FORMATS = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
+
+
+class HeaderTensor:
+    """A tensor known from its file's header: shape, dtype and where its bytes lie.
+
+    It stands in for a torch tensor while an adapter is read for planning (a merge), so that
+    the names, shapes, checks and content hash are all had without importing torch; the
+    values are read when the math needs them (``loratool.tensors.io.materialize``). It has
+    just the few tensor methods the format readers and checks use.
+    """
+
+    __slots__ = ("info",)
+
+    def __init__(self, info: TensorInfo):
+        self.info = info
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.info.dtype
+
+    def dim(self) -> int:
+        return len(self.info.shape)
+
+    def numel(self) -> int:
+        return self.info.numel
+
+    def element_size(self) -> int:
+        return DTYPE_SIZES[self.info.dtype]
+
+    def is_floating_point(self) -> bool:
+        return self.info.dtype in FLOAT_DTYPES
+
+    def contiguous(self) -> HeaderTensor:
+        return self
+
+    def raw(self) -> bytes:
+        """The tensor's bytes as stored (row-major, little-endian)."""
+        with open(self.info.file, "rb") as fh:
+            fh.seek(self.info.start)
+            data = fh.read(self.info.nbytes)
+        if len(data) != self.info.nbytes:
+            raise FormatError(f"read {len(data)} of {self.info.nbytes} bytes: truncated", file=self.info.file, tensor=self.info.name)
+        return data
+
+    def scalar(self) -> float:
+        """The value of a one-element tensor (a kohya alpha)."""
+        if self.info.numel != 1:
+            raise ValidationError(f"not a scalar: shape {list(self.info.shape)}", file=self.info.file, tensor=self.info.name)
+        if self.info.dtype == "BF16":
+            return struct.unpack("<f", b"\0\0" + self.raw())[0]
+        fmt = _SCALAR_FORMATS.get(self.info.dtype)
+        if fmt is None:
+            raise ValidationError(f"cannot read a {self.info.dtype} scalar", file=self.info.file, tensor=self.info.name)
+        return float(struct.unpack(fmt, self.raw())[0])
+
+    def __repr__(self) -> str:
+        return f"HeaderTensor({self.info.name!r}, {self.info.dtype}, {list(self.info.shape)})"

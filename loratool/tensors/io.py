@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import FormatError, ValidationError
 from ..fsutil import atomic_file
-from .header import FLOAT_DTYPES, TensorInfo, read_header
+from .header import FLOAT_DTYPES, HeaderTensor, TensorInfo, read_header
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +42,9 @@ def torch_dtype(tag: str) -> torch.dtype:
     return _TORCH_DTYPES[tag]
 
 
-def dtype_tag(dtype: torch.dtype) -> str:
+def dtype_tag(dtype: torch.dtype | str) -> str:
+    if isinstance(dtype, str):  # a HeaderTensor's dtype is already the tag
+        return dtype
     torch_dtype("F32")
     for tag, dt in _TORCH_DTYPES.items():  # type: ignore[union-attr]
         if dt == dtype:
@@ -78,14 +80,24 @@ def read_tensor(info: TensorInfo, fh=None) -> torch.Tensor:
             fh.close()
 
 
-def load_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors of a validated safetensors file, in header order, and its metadata."""
+def load_file(path: str | os.PathLike, *, lazy: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a validated safetensors file, in header order, and its metadata.
+
+    With ``lazy``, HeaderTensor stand-ins that read nothing (and need no torch) until used.
+    """
     header = read_header(path)
+    if lazy:
+        return {n: HeaderTensor(i) for n, i in sorted(header.tensors.items(), key=lambda kv: kv[1].start)}, header.metadata
     out = {}
     with open(header.path, "rb") as fh:
         for name, info in sorted(header.tensors.items(), key=lambda kv: kv[1].start):
             out[name] = read_tensor(info, fh)
     return out, header.metadata
+
+
+def materialize(t):
+    """A torch tensor for ``t``: read from its file if it is a HeaderTensor."""
+    return read_tensor(t.info) if isinstance(t, HeaderTensor) else t
 
 
 def check_finite(tensors: dict[str, torch.Tensor], path: Path | str) -> None:
@@ -115,12 +127,16 @@ def header_bytes(entries: list[tuple[str, str, tuple[int, ...], int, int]], meta
 
 def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """Deterministic safetensors bytes: tensors in name order, metadata sorted."""
-    import torch
-
     entries, blobs, pos = [], [], 0
     for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        t = tensors[name]
+        if isinstance(t, HeaderTensor):
+            data = t.raw()
+        else:
+            import torch
+
+            t = t.detach().to("cpu").contiguous()
+            data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         entries.append((name, dtype_tag(t.dtype), tuple(t.shape), pos, pos + len(data)))
         blobs.append(data)
         pos += len(data)
