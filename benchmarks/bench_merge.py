@@ -39,7 +39,17 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
-def build_base(path: Path, layers: int, hidden=2048, inter=5632, vocab=32000, heads=32, kv_heads=4, seed=0, reuse=None):
+def build_base(
+    path: Path,
+    layers: int,
+    hidden=2048,
+    inter=5632,
+    vocab=32000,
+    heads=32,
+    kv_heads=4,
+    seed=0,
+    reuse=None,
+):
     import torch
     from safetensors.torch import save_file
 
@@ -52,7 +62,11 @@ def build_base(path: Path, layers: int, hidden=2048, inter=5632, vocab=32000, he
     def rnd(*shape):
         return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
 
-    sd = {"model.embed_tokens.weight": rnd(vocab, hidden), "lm_head.weight": rnd(vocab, hidden), "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+    sd = {
+        "model.embed_tokens.weight": rnd(vocab, hidden),
+        "lm_head.weight": rnd(vocab, hidden),
+        "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+    }
     layer0 = None
     for i in range(layers):
         if layer0 is None or reuse is None:
@@ -217,11 +231,38 @@ def main():
     # high-water mark across exec), so the parent must stay small: build in a subprocess.
     subprocess.run([PY, __file__, "--build", str(work), str(args.layers), "0"], check=True)
     size = (base / "model.safetensors").stat().st_size
-    loratool = [PY, "-m", "loratool", "merge", str(base), str(adapter), "--device", args.device, "--json", "-o"]
+    loratool = [
+        PY,
+        "-m",
+        "loratool",
+        "merge",
+        str(base),
+        str(adapter),
+        "--device",
+        args.device,
+        "--json",
+        "-o",
+    ]
     # The engine's own time, as its summary line reports it, with torch imported beforehand:
     # as the CLI runs, the engine imports torch while it copies, so its summary includes that.
-    preloaded = [PY, "-c", ENGINE_SCRIPT, "merge", str(base), str(adapter), "--device", args.device, "--json", "-o"]
-    results = {"cp -r": [], "loratool merge": [], "loratool engine": [], "peft merge_and_unload": []}
+    preloaded = [
+        PY,
+        "-c",
+        ENGINE_SCRIPT,
+        "merge",
+        str(base),
+        str(adapter),
+        "--device",
+        args.device,
+        "--json",
+        "-o",
+    ]
+    results = {
+        "cp -r": [],
+        "loratool merge": [],
+        "loratool engine": [],
+        "peft merge_and_unload": [],
+    }
     engine = []
     engine_cli = []
     for rnd in range(args.rounds):
@@ -230,7 +271,11 @@ def main():
         for name in order:
             if name.startswith("peft") and args.skip_peft:
                 continue
-            out = work / f"out-{name.split()[0]}-{name.split()[1]}" if name.startswith("loratool") else work / f"out-{name.split()[0]}"
+            out = (
+                work / f"out-{name.split()[0]}-{name.split()[1]}"
+                if name.startswith("loratool")
+                else work / f"out-{name.split()[0]}"
+            )
             rm(out)
             # every contender starts alike: its previous output deleted, the disk idle
             subprocess.run(["sync"], check=True)
@@ -246,14 +291,33 @@ def main():
             else:
                 m = run_measured([PY, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)])
             results[name].append(m)
-            print(f"round {rnd} {name}: {m['wall']:.2f} s, RssAnon {gib(m['rss_anon'])}", file=sys.stderr)
+            print(
+                f"round {rnd} {name}: {m['wall']:.2f} s, RssAnon {gib(m['rss_anon'])}",
+                file=sys.stderr,
+            )
     grow_line = ""
     if not args.skip_grow:
-        subprocess.run([PY, __file__, "--build", str(work / "grow"), str(args.layers * 4), "1"], check=True)
+        subprocess.run(
+            [PY, __file__, "--build", str(work / "grow"), str(args.layers * 4), "1"], check=True
+        )
         big, big_adapter = work / "grow" / "base", work / "grow" / "adapter"
         big_size = (big / "model.safetensors").stat().st_size
         rm(work / "out-4x")
-        m = run_measured([PY, "-m", "loratool", "merge", str(big), str(big_adapter), "--device", args.device, "--json", "-o", str(work / "out-4x")])
+        m = run_measured(
+            [
+                PY,
+                "-m",
+                "loratool",
+                "merge",
+                str(big),
+                str(big_adapter),
+                "--device",
+                args.device,
+                "--json",
+                "-o",
+                str(work / "out-4x"),
+            ]
+        )
         rm(work / "out-4x")
         grow_line = (
             f"Base 4× as deep ({big_size / 1e9:.1f} GB): loratool merge {m['wall']:.2f} s wall "
@@ -321,7 +385,9 @@ def main():
     if args.write:
         cmd = "    " + " ".join(["python", "benchmarks/bench_merge.py", *sys.argv[1:]])
         with open(ROOT / "docs" / "BENCHMARKS.md", "a") as fh:
-            fh.write(f"\n## merge ({time.strftime('%Y-%m-%d')}, {os.uname().machine}, {os.cpu_count()} cores)\n\n{cmd}\n\n{table}\n")
+            fh.write(
+                f"\n## merge ({time.strftime('%Y-%m-%d')}, {os.uname().machine}, {os.cpu_count()} cores)\n\n{cmd}\n\n{table}\n"
+            )
     for name in ("out-cp", "out-loratool-merge", "out-loratool-engine", "out-peft"):
         rm(work / name)
 

@@ -113,7 +113,9 @@ class LoraModule:
         from .tensors.io import materialize
 
         mod = replace(self, A=materialize(self.A), B=materialize(self.B))
-        mod.check_finite(source if source is not None else getattr(self.A, "info", None) and self.A.info.file)
+        mod.check_finite(
+            source if source is not None else getattr(self.A, "info", None) and self.A.info.file
+        )
         return mod
 
     def check_finite(self, source: object | None = None) -> None:
@@ -132,7 +134,9 @@ class LoraModule:
         self, weight: float = 1.0, *, device: Any = None, dtype: torch.dtype | None = None
     ) -> torch.Tensor:
         """ΔW · weight in float32 (or ``dtype``, at least float32), shaped like the base weight."""
-        return delta_from_factors(self.kind, self.A, self.B, self.scale * weight, device=device, dtype=dtype)
+        return delta_from_factors(
+            self.kind, self.A, self.B, self.scale * weight, device=device, dtype=dtype
+        )
 
     def with_name(self, name: str) -> LoraModule:
         return replace(self, name=name)
@@ -146,7 +150,9 @@ def build_module(
         mod = LoraModule(name, kind, A, B, alpha, rslora)
     except ValidationError as exc:
         if exc.file is None and source is not None:
-            raise ValidationError(exc.message, file=source, tensor=exc.tensor, hint=exc.hint) from None
+            raise ValidationError(
+                exc.message, file=source, tensor=exc.tensor, hint=exc.hint
+            ) from None
         raise
     mod.check_finite(source)
     return mod
@@ -163,7 +169,9 @@ def delta_from_factors(
 ) -> torch.Tensor:
     import torch
 
-    work = dtype or (torch.float64 if A.dtype == torch.float64 or B.dtype == torch.float64 else torch.float32)
+    work = dtype or (
+        torch.float64 if A.dtype == torch.float64 or B.dtype == torch.float64 else torch.float32
+    )
     if work not in (torch.float32, torch.float64):
         work = torch.float32  # never do the product in a narrower type
     A = A.to(device=device, dtype=work)
@@ -224,7 +232,10 @@ class Adapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(m.A.numel() * m.A.element_size() + m.B.numel() * m.B.element_size() for m in self.modules.values())
+        return sum(
+            m.A.numel() * m.A.element_size() + m.B.numel() * m.B.element_size()
+            for m in self.modules.values()
+        )
 
     @property
     def ranks(self) -> list[int]:

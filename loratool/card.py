@@ -57,10 +57,20 @@ def model_card(adapter: Adapter, row: dict, repo_id: str, *, base_bytes: int | N
         "|---|---:|---:|---:|---:|",
     ]
     for k, v in s["by_layer_kind"].items():
-        lines.append(f"| {k} | {v['modules']} | {v['rank']} | {v['energy_rank_median']:g} / {v['energy_rank_max']} | {v['stable_rank_mean']:.2f} |")
-    lines += ["", "## Modules", "", "| module | kind | shape | r | alpha | params |", "|---|---|---|---:|---:|---:|"]
+        lines.append(
+            f"| {k} | {v['modules']} | {v['rank']} | {v['energy_rank_median']:g} / {v['energy_rank_max']} | {v['stable_rank_mean']:.2f} |"
+        )
+    lines += [
+        "",
+        "## Modules",
+        "",
+        "| module | kind | shape | r | alpha | params |",
+        "|---|---|---|---:|---:|---:|",
+    ]
     for name, m in adapter.modules.items():
-        lines.append(f"| `{name}` | {m.kind} | {'×'.join(map(str, m.base_shape))} | {m.rank} | {m.alpha:g} | {m.params:,} |")
+        lines.append(
+            f"| `{name}` | {m.kind} | {'×'.join(map(str, m.base_shape))} | {m.rank} | {m.alpha:g} | {m.params:,} |"
+        )
     load_base = base_model or "BASE_MODEL"
     lines += [
         "",

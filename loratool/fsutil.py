@@ -67,7 +67,7 @@ def clean_stale(dest: Path) -> list[Path]:
         if not p.name.startswith(prefix):
             continue
         try:
-            pid = int(p.name[len(prefix):].split(".")[0])
+            pid = int(p.name[len(prefix) :].split(".")[0])
         except ValueError:
             continue
         if not pid_alive(pid):

@@ -137,10 +137,14 @@ def pick_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValidationError(f"--device {device}: no CUDA device is available here", hint="use --device cpu")
+            raise ValidationError(
+                f"--device {device}: no CUDA device is available here", hint="use --device cpu"
+            )
         idx = int(device.split(":")[1]) if ":" in device else 0
         if idx >= torch.cuda.device_count():
-            raise ValidationError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise ValidationError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)"
+            )
         return f"cuda:{idx}"
     if device != "cpu":
         raise ValidationError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
@@ -195,10 +199,14 @@ def plan_merge(
     base = read_base(base_path)
     out = Path(out)
     check_output(out, force)
-    if out.resolve() == base.root.resolve() or any(out.resolve() == f.resolve() for f in base.files):
+    if out.resolve() == base.root.resolve() or any(
+        out.resolve() == f.resolve() for f in base.files
+    ):
         raise ValidationError("the output may not overwrite the base it reads", file=out)
     if dtype not in DTYPE_CHOICES:
-        raise ValidationError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+        raise ValidationError(
+            f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}"
+        )
     forced = DTYPE_CHOICES[dtype]
     if not inputs:
         raise ValidationError("no adapter to merge")
@@ -244,14 +252,19 @@ def plan_merge(
             out_dtype = forced if (forced and info.dtype in FLOAT_DTYPES) else info.dtype
             size = info.numel * DTYPE_SIZES[out_dtype]
             entries.append((info.name, out_dtype, info.shape, pos, pos + size))
-            plans.append(TensorPlan(info.name, info, out_dtype, pos, tuple(by_tensor.get(info.name, ()))))
+            plans.append(
+                TensorPlan(info.name, info, out_dtype, pos, tuple(by_tensor.get(info.name, ())))
+            )
             pos += size
         name = out.name if base.index_path is None and base.root.is_file() else f.name
         files.append(FilePlan(name, header_bytes(entries, src_meta), tuple(plans)))
     index = None
     if base.index_path is not None:
         index = {
-            "metadata": {**base.index_metadata, "total_size": sum(f.size - len(f.header) for f in files)},
+            "metadata": {
+                **base.index_metadata,
+                "total_size": sum(f.size - len(f.header) for f in files),
+            },
             "weight_map": {t.name: f.name for f in files for t in f.tensors},
         }
     extra: list[Path] = []
@@ -263,7 +276,9 @@ def plan_merge(
         for p in sorted(base.root.iterdir()):
             if p.is_file() and p.resolve() not in skip and not p.name.startswith("."):
                 extra.append(p)
-    plan = MergePlan(base, out, single, tuple(files), tuple(inputs), dev, tuple(extra), index, tuple(warnings))
+    plan = MergePlan(
+        base, out, single, tuple(files), tuple(inputs), dev, tuple(extra), index, tuple(warnings)
+    )
     _check_space(plan)
     return plan
 
@@ -311,7 +326,9 @@ def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, length: in
     if hasattr(os, "copy_file_range"):
         try:
             while done < length:
-                n = os.copy_file_range(src_fd, dst_fd, length - done, src_off + done, dst_off + done)
+                n = os.copy_file_range(
+                    src_fd, dst_fd, length - done, src_off + done, dst_off + done
+                )
                 if n == 0:
                     break
                 done += n
@@ -340,7 +357,9 @@ def _read_into(tp: TensorPlan, fd: int, buf) -> None:
     while got < len(view):
         n = os.preadv(fd, [view[got:]], tp.src.start + got)
         if n <= 0:
-            raise ValidationError(f"read {got} of {len(view)} bytes: truncated", file=tp.src.file, tensor=tp.name)
+            raise ValidationError(
+                f"read {got} of {len(view)} bytes: truncated", file=tp.src.file, tensor=tp.name
+            )
         got += n
 
 
@@ -400,7 +419,11 @@ def _compute(tp: TensorPlan, raw, out, device: str, scratch: _Scratch) -> None:
         w = w.to(device, non_blocking=True)
     rows = tp.src.shape[0] if tp.src.shape else 1
     w2 = w.view(rows, -1)
-    res = out.view(out_dtype).view(rows, -1) if device == "cpu" else torch.empty(w2.shape, dtype=out_dtype, device=device)
+    res = (
+        out.view(out_dtype).view(rows, -1)
+        if device == "cpu"
+        else torch.empty(w2.shape, dtype=out_dtype, device=device)
+    )
     work = torch.float64 if tp.src.dtype == "F64" else torch.float32
     terms = _factor_terms(tp, w.device, work)
     cols = w2.shape[1]
@@ -414,14 +437,18 @@ def _compute(tp: TensorPlan, raw, out, device: str, scratch: _Scratch) -> None:
         if terms:
             lo, hi = torch.aminmax(acc)  # one pass; NaN propagates into both
             if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
-                raise ValidationError("the merged weight contains NaN or Inf", file=tp.src.file, tensor=tp.name)
+                raise ValidationError(
+                    "the merged weight contains NaN or Inf", file=tp.src.file, tensor=tp.name
+                )
         res[i : i + n].copy_(acc)  # the one rounding
     if device != "cpu":
         out.view(out_dtype).view(rows, -1).copy_(res, non_blocking=True)
         torch.cuda.current_stream(device).synchronize()
 
 
-def execute(plan: MergePlan, progress: Callable[[int, str | None], None] | None = None) -> MergeResult:
+def execute(
+    plan: MergePlan, progress: Callable[[int, str | None], None] | None = None
+) -> MergeResult:
     """Run a plan; the output appears at ``plan.out`` only if every tensor was written.
 
     The copy of untouched tensors starts at once; torch is imported (and the device settled)
@@ -439,14 +466,20 @@ def execute(plan: MergePlan, progress: Callable[[int, str | None], None] | None 
     written = 0
     engine = _Engine(plan)
     try:
-        ctx = atomic_file(plan.out, force=True) if plan.single_file else atomic_dir(plan.out, force=True)
+        ctx = (
+            atomic_file(plan.out, force=True)
+            if plan.single_file
+            else atomic_dir(plan.out, force=True)
+        )
         with ctx as tmp:
             for fp in plan.files:
                 dest = tmp if plan.single_file else tmp / fp.name
                 written += _write_file(fp, dest, fds, report, engine)
             if not plan.single_file:
                 if plan.index is not None:
-                    (tmp / plan.base.index_path.name).write_text(json.dumps(plan.index, indent=2) + "\n")
+                    (tmp / plan.base.index_path.name).write_text(
+                        json.dumps(plan.index, indent=2) + "\n"
+                    )
                 for p in plan.extra_files:
                     shutil.copyfile(p, tmp / p.name)
     finally:
@@ -456,7 +489,15 @@ def execute(plan: MergePlan, progress: Callable[[int, str | None], None] | None 
     changed = plan.touched
     total = sum(len(f.tensors) for f in plan.files)
     device = engine.device or (plan.device if plan.device != "auto" else "cpu")
-    return MergeResult(plan.out, device, changed, total - changed, written, time.perf_counter() - t0, list(plan.warnings))
+    return MergeResult(
+        plan.out,
+        device,
+        changed,
+        total - changed,
+        written,
+        time.perf_counter() - t0,
+        list(plan.warnings),
+    )
 
 
 class _Engine:
@@ -552,7 +593,12 @@ def _write_file(fp: FilePlan, dest: Path, fds: dict[Path, int], progress, engine
     for tp in fp.tensors:
         if tp.raw_copy:
             last = copies[-1] if copies else None
-            if last and last[0] == tp.src.file and last[1] + last[3] == tp.src.start and last[2] + last[3] == base + tp.out_start:
+            if (
+                last
+                and last[0] == tp.src.file
+                and last[1] + last[3] == tp.src.start
+                and last[2] + last[3] == base + tp.out_start
+            ):
                 last[3] += tp.src.nbytes
             else:
                 copies.append([tp.src.file, tp.src.start, base + tp.out_start, tp.src.nbytes])
@@ -627,7 +673,9 @@ def _write_file(fp: FilePlan, dest: Path, fds: dict[Path, int], progress, engine
             # so that no stage waits on the disk: the final fsync then finds little left.
             while True:
                 with more:
-                    while written[0] - flushed[0] < _FLUSH_EVERY and not (finished.is_set() or stop.is_set()):
+                    while written[0] - flushed[0] < _FLUSH_EVERY and not (
+                        finished.is_set() or stop.is_set()
+                    ):
                         more.wait(0.5)
                     if finished.is_set() or stop.is_set():
                         return
@@ -677,7 +725,9 @@ def merge(
     progress: Callable[[int, str | None], None] | None = None,
 ) -> MergeResult:
     """Plan and run a merge (negative weights unmerge). See ``plan_merge``."""
-    plan = plan_merge(base_path, inputs, out, dtype=dtype, device=device, force=force, strict=strict)
+    plan = plan_merge(
+        base_path, inputs, out, dtype=dtype, device=device, force=force, strict=strict
+    )
     return execute(plan, progress)
 
 
@@ -692,7 +742,12 @@ def ulp_distance(a, b):
     """
     import torch
 
-    ints = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+    ints = {
+        torch.float16: torch.int16,
+        torch.bfloat16: torch.int16,
+        torch.float32: torch.int32,
+        torch.float64: torch.int64,
+    }
     it = ints[a.dtype]
     bits = {torch.int16: 16, torch.int32: 32, torch.int64: 64}[it]
     sign = 1 << (bits - 1)
@@ -718,7 +773,9 @@ def compare_bases(result_path: str | os.PathLike, reference_path: str | os.PathL
     ref = read_base(reference_path)
     missing = sorted(set(ref.tensors) ^ set(res.tensors))
     if missing:
-        raise ValidationError("the two models hold different tensors", file=result_path, tensor=missing[0])
+        raise ValidationError(
+            "the two models hold different tensors", file=result_path, tensor=missing[0]
+        )
     max_abs = 0.0
     max_ulp = 0
     exact = 0
@@ -726,10 +783,15 @@ def compare_bases(result_path: str | os.PathLike, reference_path: str | os.PathL
     for name, rinfo in ref.tensors.items():
         oinfo = res.tensors[name]
         if oinfo.shape != rinfo.shape:
-            raise ValidationError(f"shape {list(oinfo.shape)} vs {list(rinfo.shape)}", file=result_path, tensor=name)
+            raise ValidationError(
+                f"shape {list(oinfo.shape)} vs {list(rinfo.shape)}", file=result_path, tensor=name
+            )
         a = read_tensor(oinfo)
         b = read_tensor(rinfo)
-        if a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.dtype.is_floating_point else a, b.view(torch.uint8) if b.dtype.is_floating_point else b):
+        if a.dtype == b.dtype and torch.equal(
+            a.view(torch.uint8) if a.dtype.is_floating_point else a,
+            b.view(torch.uint8) if b.dtype.is_floating_point else b,
+        ):
             exact += 1
             continue
         if not a.dtype.is_floating_point:

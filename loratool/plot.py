@@ -26,7 +26,9 @@ def plot_spectra(report: dict, dest: str) -> Path:
     ax.set_xlabel("index i")
     ax.set_ylabel("σᵢ of scale·B·A")
     s = report["summary"]
-    ax.set_title(f"{report.get('adapter', '')}: {s['modules']} modules, energy rank ≤ {s['energy_rank_max']} at {s['threshold']:g}")
+    ax.set_title(
+        f"{report.get('adapter', '')}: {s['modules']} modules, energy rank ≤ {s['energy_rank_max']} at {s['threshold']:g}"
+    )
     ax.grid(True, which="both", alpha=0.3)
     dest_path = Path(dest)
     with atomic_file(dest_path) as tmp:

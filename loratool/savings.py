@@ -96,7 +96,9 @@ def report(rows: Iterable[dict], base_path: str | os.PathLike | None = None) -> 
     return doc
 
 
-def hypothetical_from_base(base_path: str | os.PathLike, rank: int, targets: list[str], dtype: str) -> dict:
+def hypothetical_from_base(
+    base_path: str | os.PathLike, rank: int, targets: list[str], dtype: str
+) -> dict:
     """A hypothetical adapter's figures with exact shapes taken from a base's headers.
 
     Every 2-D floating tensor whose module name matches a target (PEFT's suffix rule) counts as
@@ -106,11 +108,18 @@ def hypothetical_from_base(base_path: str | os.PathLike, rank: int, targets: lis
     from .savings_config import DTYPE_BYTES, match_targets
 
     base = read_base(base_path)
-    mats = {n.removesuffix(".weight"): t for n, t in base.tensors.items() if n.endswith(".weight") and len(t.shape) == 2}
+    mats = {
+        n.removesuffix(".weight"): t
+        for n, t in base.tensors.items()
+        if n.endswith(".weight") and len(t.shape) == 2
+    }
     hits = match_targets(list(mats), targets)
     if not hits:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in mats})
-        raise ValidationError(f"--targets {','.join(targets)} match no 2-D weight; modules here: {', '.join(leaves)}", file=base_path)
+        raise ValidationError(
+            f"--targets {','.join(targets)} match no 2-D weight; modules here: {', '.join(leaves)}",
+            file=base_path,
+        )
     size = DTYPE_BYTES[dtype]
     params = sum(rank * (mats[n].shape[0] + mats[n].shape[1]) for n in hits)
     dense = sum(mats[n].shape[0] * mats[n].shape[1] for n in hits)

@@ -24,7 +24,9 @@ def canonical_sha256(adapter: Adapter) -> str:
     return hashlib.sha256(canonical_bytes(adapter)).hexdigest()
 
 
-def open_adapter(spec: str, home: str | os.PathLike | None = None, *, lazy: bool = False) -> OpenedAdapter:
+def open_adapter(
+    spec: str, home: str | os.PathLike | None = None, *, lazy: bool = False
+) -> OpenedAdapter:
     """A path that exists is read as an adapter file or directory; anything else is looked up
     in the catalog (whose blob is re-hashed before use). ``lazy``: see ``load_adapter``."""
     p = Path(spec)

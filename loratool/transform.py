@@ -30,7 +30,9 @@ def factors_2d(mod: LoraModule):
     return mod.B.float(), mod.A.float()
 
 
-def module_from_2d(template: LoraModule, B, A, scale: float = 1.0, *, rslora: bool | None = None) -> LoraModule:
+def module_from_2d(
+    template: LoraModule, B, A, scale: float = 1.0, *, rslora: bool | None = None
+) -> LoraModule:
     """A module of ``template``'s kind and shape whose ΔW is scale·B·A (B, A 2-D, float32)."""
     rslora = template.rslora if rslora is None else rslora
     k = A.shape[0]
@@ -65,7 +67,9 @@ def inspect(adapter: Adapter, *, threshold: float = 0.99, module_glob: str | Non
         rep["rank"] = mod.rank
         modules.append(rep)
     if not modules:
-        raise ValidationError(f"no module matches {module_glob!r}" if module_glob else "the adapter has no modules")
+        raise ValidationError(
+            f"no module matches {module_glob!r}" if module_glob else "the adapter has no modules"
+        )
     by_kind: dict[str, list[dict]] = {}
     for m in modules:
         by_kind.setdefault(layer_kind(m["name"]), []).append(m)
@@ -91,7 +95,9 @@ def inspect(adapter: Adapter, *, threshold: float = 0.99, module_glob: str | Non
 # -- resize --------------------------------------------------------------------------------
 
 
-def resize(adapter: Adapter, *, rank: int | None = None, energy: float | None = None, progress=None) -> tuple[Adapter, dict[str, float]]:
+def resize(
+    adapter: Adapter, *, rank: int | None = None, energy: float | None = None, progress=None
+) -> tuple[Adapter, dict[str, float]]:
     """Truncate every module by SVD to ``rank`` or to the fewest σ holding ``energy``.
 
     The factors become B' = U√S, A' = √S·Vᵀ (divided by √scale) and alpha is rescaled so that
@@ -113,11 +119,14 @@ def resize(adapter: Adapter, *, rank: int | None = None, energy: float | None = 
         mods[name] = new
         kept[name] = float(k_energy)
         progress(1, name)
-    meta = replace(adapter.meta, name=None, source=f"resize of {adapter.meta.name or adapter.meta.source}")
+    meta = replace(
+        adapter.meta, name=None, source=f"resize of {adapter.meta.name or adapter.meta.source}"
+    )
     origin = {k: v for k, v in adapter.origin.items() if k != "peft_config"}
     if "peft_config" in adapter.origin:
         origin["peft_config_base"] = {
-            k: adapter.origin["peft_config"].get(k) for k in ("task_type", "base_model_name_or_path", "revision")
+            k: adapter.origin["peft_config"].get(k)
+            for k in ("task_type", "base_model_name_or_path", "revision")
         }
     return Adapter(mods, meta, origin), kept
 
@@ -134,7 +143,9 @@ def _one_of(rank, energy) -> None:
 # -- extract -------------------------------------------------------------------------------
 
 _CONV1D_NAMES = re.compile(r"\.(c_attn|c_proj|c_fc|q_attn)\.weight$")
-_EMBED_NAMES = re.compile(r"(embed_tokens|word_embeddings|wte|wpe|embed_positions|shared|embeddings?)\.weight$")
+_EMBED_NAMES = re.compile(
+    r"(embed_tokens|word_embeddings|wte|wpe|embed_positions|shared|embeddings?)\.weight$"
+)
 
 
 def _model_type(root: Path) -> str | None:
@@ -223,8 +234,13 @@ def extract(
         errors[name] = float(err)
         progress(1, name)
     if not modules:
-        raise ValidationError("the two models are identical in every 2-D tensor: nothing to extract", file=finetuned_path)
-    meta = AdapterMeta(base_model=str(base_path), source=f"extract {finetuned_path}", format="loratool")
+        raise ValidationError(
+            "the two models are identical in every 2-D tensor: nothing to extract",
+            file=finetuned_path,
+        )
+    meta = AdapterMeta(
+        base_model=str(base_path), source=f"extract {finetuned_path}", format="loratool"
+    )
     adapter = Adapter(modules, meta, {"format": "loratool", "extract_skipped_1d": skipped})
     return adapter, errors
 
@@ -257,7 +273,9 @@ def combine(
         raise ValidationError(f"--method {method} needs --rank")
     if method in ("ties", "dare") and not 0 < density <= 1:
         raise ValidationError(f"--density must be in (0, 1], got {density}")
-    bases = {a.meta.base_model.rstrip("/").rsplit("/", 1)[-1] for a, _ in inputs if a.meta.base_model}
+    bases = {
+        a.meta.base_model.rstrip("/").rsplit("/", 1)[-1] for a, _ in inputs if a.meta.base_model
+    }
     if len(bases) > 1:
         raise ValidationError(f"the adapters are for different bases: {', '.join(sorted(bases))}")
     names: list[str] = []
@@ -288,5 +306,7 @@ def combine(
         modules[name] = module_from_2d(first, B.float(), A.float(), 1.0, rslora=False)
         errors[name] = float(err)
     base_model = next((a.meta.base_model for a, _ in inputs if a.meta.base_model), None)
-    meta = AdapterMeta(base_model=base_model, format="loratool", source=f"combine --method {method}")
+    meta = AdapterMeta(
+        base_model=base_model, format="loratool", source=f"combine --method {method}"
+    )
     return Adapter(modules, meta, {"format": "loratool"}), errors

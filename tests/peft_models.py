@@ -46,7 +46,10 @@ def build(config, seed: int = 0, dtype=torch.float32):
 
 
 CASES = {
-    "llama": dict(config=llama_config, lora=dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
+    "llama": dict(
+        config=llama_config,
+        lora=dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    ),
     "llama_rslora": dict(
         config=llama_config,
         lora=dict(
@@ -58,8 +61,14 @@ CASES = {
             alpha_pattern={"v_proj": 4},
         ),
     ),
-    "llama_embed": dict(config=llama_config, lora=dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "lm_head"])),
-    "gpt2": dict(config=gpt2_config, lora=dict(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
+    "llama_embed": dict(
+        config=llama_config,
+        lora=dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "lm_head"]),
+    ),
+    "gpt2": dict(
+        config=gpt2_config,
+        lora=dict(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
+    ),
 }
 
 

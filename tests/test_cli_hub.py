@@ -22,7 +22,21 @@ def alice(hub, monkeypatch):
 
 
 def test_push_then_pull_round_trip(alice, case, cli_run, tmp_path, monkeypatch):
-    assert cli_run("add", case.adapter_dir, "--task", "translate", "--name", "tr", "--tag", "v1", "--description", "French to English").exit_code == 0
+    assert (
+        cli_run(
+            "add",
+            case.adapter_dir,
+            "--task",
+            "translate",
+            "--name",
+            "tr",
+            "--tag",
+            "v1",
+            "--description",
+            "French to English",
+        ).exit_code
+        == 0
+    )
     r = cli_run("push", "tr", "--repo", "alice/tr-lora", "--json")
     assert r.exit_code == 0, r.output
     pushed = json.loads(r.stdout)
@@ -66,7 +80,10 @@ def test_push_then_pull_round_trip(alice, case, cli_run, tmp_path, monkeypatch):
     r1 = cli_run("merge", case.base_dir, "tr-lora", "-o", tmp_path / "m1")
     r2 = cli_run("merge", case.base_dir, case.adapter_dir, "-o", tmp_path / "m2")
     assert r1.exit_code == r2.exit_code == 0
-    a, b = load_file(tmp_path / "m1" / "model.safetensors"), load_file(tmp_path / "m2" / "model.safetensors")
+    a, b = (
+        load_file(tmp_path / "m1" / "model.safetensors"),
+        load_file(tmp_path / "m2" / "model.safetensors"),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -80,12 +97,16 @@ def test_pushed_files_load_in_peft(alice, case, cli_run):
     model = PeftModel.from_pretrained(case.fresh_base(), snap)
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, case.peft_model(ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            model(ids).logits, case.peft_model(ids).logits, rtol=1e-5, atol=1e-5
+        )
     r = cli_run("pull", "alice/x@exp", "--task", "t", "--name", "x-exp")
     assert r.exit_code == 0, r.output
 
 
-def test_failures_are_one_line_and_leave_the_catalog_unchanged(hub, case, cli_run, monkeypatch, tmp_path):
+def test_failures_are_one_line_and_leave_the_catalog_unchanged(
+    hub, case, cli_run, monkeypatch, tmp_path
+):
     cli_run("add", case.adapter_dir, "--task", "t", "--name", "x")
     before = cli_run("list", "--json").stdout
     monkeypatch.delenv("HF_TOKEN", raising=False)

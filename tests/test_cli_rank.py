@@ -60,7 +60,18 @@ def test_extract_recovers_a_low_rank_delta(cli_run, tmp_path):
     ft[key] = base[key] + delta
     (tmp_path / "ft").mkdir()
     save_file(ft, tmp_path / "ft" / "model.safetensors")
-    r = cli_run("extract", FIX / "llama", tmp_path / "ft", "--rank", "3", "--task", "t", "-o", tmp_path / "x", "--json")
+    r = cli_run(
+        "extract",
+        FIX / "llama",
+        tmp_path / "ft",
+        "--rank",
+        "3",
+        "--task",
+        "t",
+        "-o",
+        tmp_path / "x",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert list(doc["modules"]) == [key]

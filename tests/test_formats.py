@@ -33,7 +33,11 @@ def same_tensors(a: dict, b: dict) -> None:
     assert set(a) == set(b)
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert a[k].view(torch.uint8).equal(b[k].view(torch.uint8)) if a[k].dim() else torch.equal(a[k], b[k]), k
+        assert (
+            a[k].view(torch.uint8).equal(b[k].view(torch.uint8))
+            if a[k].dim()
+            else torch.equal(a[k], b[k])
+        ), k
 
 
 # -- round trips -----------------------------------------------------------------------------
@@ -44,7 +48,10 @@ def test_peft_round_trip_is_tensor_identical_with_equal_config(cases, name, tmp_
     src = cases[name].adapter_dir
     adapter = load_adapter(src)
     save_adapter(adapter, tmp_path / "out", "peft")
-    same_tensors(load_file(src / "adapter_model.safetensors"), load_file(tmp_path / "out" / "adapter_model.safetensors"))
+    same_tensors(
+        load_file(src / "adapter_model.safetensors"),
+        load_file(tmp_path / "out" / "adapter_model.safetensors"),
+    )
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text()) == json.loads(
         (src / "adapter_config.json").read_text()
     )
@@ -52,7 +59,10 @@ def test_peft_round_trip_is_tensor_identical_with_equal_config(cases, name, tmp_
     save_adapter(adapter, tmp_path / "a.safetensors", "loratool")
     again = load_adapter(tmp_path / "a.safetensors")
     save_adapter(again, tmp_path / "out2", "peft")
-    same_tensors(load_file(src / "adapter_model.safetensors"), load_file(tmp_path / "out2" / "adapter_model.safetensors"))
+    same_tensors(
+        load_file(src / "adapter_model.safetensors"),
+        load_file(tmp_path / "out2" / "adapter_model.safetensors"),
+    )
 
 
 def kohya_file(path, *, style="kohya", alpha_dtype=torch.float16, seed=0):
@@ -66,15 +76,23 @@ def kohya_file(path, *, style="kohya", alpha_dtype=torch.float16, seed=0):
         t["lora_unet_down_0_proj.lora_down.weight"] = torch.randn(r, 16, 1, 1, generator=g)
         t["lora_unet_down_0_proj.lora_up.weight"] = torch.randn(16, r, 1, 1, generator=g)
         t["lora_unet_down_0_proj.alpha"] = torch.tensor(8.0, dtype=alpha_dtype)
-        t["lora_te_text_model_encoder_layers_0_q_proj.lora_down.weight"] = torch.randn(r, 16, generator=g)
-        t["lora_te_text_model_encoder_layers_0_q_proj.lora_up.weight"] = torch.randn(16, r, generator=g)
+        t["lora_te_text_model_encoder_layers_0_q_proj.lora_down.weight"] = torch.randn(
+            r, 16, generator=g
+        )
+        t["lora_te_text_model_encoder_layers_0_q_proj.lora_up.weight"] = torch.randn(
+            16, r, generator=g
+        )
         t["lora_te_text_model_encoder_layers_0_q_proj.alpha"] = torch.tensor(1.0, dtype=alpha_dtype)
     else:
         t["unet.mid.attn.to_q.lora_A.weight"] = torch.randn(r, 16, generator=g)
         t["unet.mid.attn.to_q.lora_B.weight"] = torch.randn(16, r, generator=g)
         t["text_encoder.layers.0.fc1.lora_A.weight"] = torch.randn(r, 16, generator=g)
         t["text_encoder.layers.0.fc1.lora_B.weight"] = torch.randn(32, r, generator=g)
-    save_file(t, path, metadata={"ss_network_dim": "4", "ss_network_alpha": "2.0"} if style == "kohya" else None)
+    save_file(
+        t,
+        path,
+        metadata={"ss_network_dim": "4", "ss_network_alpha": "2.0"} if style == "kohya" else None,
+    )
     return t
 
 
@@ -86,7 +104,10 @@ def test_kohya_round_trip_is_tensor_identical(tmp_path, style):
     assert detect_format(src) == "kohya"
     save_adapter(adapter, tmp_path / "out.safetensors", "kohya")
     same_tensors(load_file(src), load_file(tmp_path / "out.safetensors"))
-    assert loratool.read_header(tmp_path / "out.safetensors").metadata == loratool.read_header(src).metadata
+    assert (
+        loratool.read_header(tmp_path / "out.safetensors").metadata
+        == loratool.read_header(src).metadata
+    )
 
 
 def test_kohya_alpha_and_kinds(tmp_path):
@@ -99,7 +120,10 @@ def test_kohya_alpha_and_kinds(tmp_path):
     q = adapter.modules["lora_te_text_model_encoder_layers_0_q_proj"]
     assert q.kind == "linear" and q.scale == 0.25
     torch.testing.assert_close(
-        q.delta(), 0.25 * t["lora_te_text_model_encoder_layers_0_q_proj.lora_up.weight"] @ t["lora_te_text_model_encoder_layers_0_q_proj.lora_down.weight"]
+        q.delta(),
+        0.25
+        * t["lora_te_text_model_encoder_layers_0_q_proj.lora_up.weight"]
+        @ t["lora_te_text_model_encoder_layers_0_q_proj.lora_down.weight"],
     )
 
 
@@ -127,7 +151,11 @@ def test_kohya_names_resolve_against_base_keys(tmp_path):
         base,
     )
     r = loratool.resolve(load_adapter(src), loratool.read_base(base))
-    assert set(r.modules) == {"conv_in.weight", "down.0.proj.weight", "text_model.encoder.layers.0.q_proj.weight"}
+    assert set(r.modules) == {
+        "conv_in.weight",
+        "down.0.proj.weight",
+        "text_model.encoder.layers.0.q_proj.weight",
+    }
 
 
 def test_module_matching_nothing_lists_close_names(cases):
@@ -141,7 +169,14 @@ def test_peft_export_of_kohya_adapter_resolved_to_base(tmp_path):
     src = tmp_path / "in.safetensors"
     kohya_file(src)
     base = tmp_path / "base.safetensors"
-    save_file({"conv_in.weight": torch.zeros(8, 3, 3, 3), "down.0.proj.weight": torch.zeros(16, 16, 1, 1), "text_model.encoder.layers.0.q_proj.weight": torch.zeros(16, 16)}, base)
+    save_file(
+        {
+            "conv_in.weight": torch.zeros(8, 3, 3, 3),
+            "down.0.proj.weight": torch.zeros(16, 16, 1, 1),
+            "text_model.encoder.layers.0.q_proj.weight": torch.zeros(16, 16),
+        },
+        base,
+    )
     r = loratool.resolve(load_adapter(src), loratool.read_base(base))
     save_adapter(r, tmp_path / "peft", "peft")
     back = load_adapter(tmp_path / "peft")
@@ -162,7 +197,9 @@ def test_delta_linear_and_rslora():
     x = torch.randn(3, 10, generator=g)
     # the merged layer computes what base + LoRA computes
     W = torch.randn(6, 10, generator=g)
-    torch.testing.assert_close(x @ (W + m.delta()).T, x @ W.T + (8 / 2) * (x @ A.T) @ B.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        x @ (W + m.delta()).T, x @ W.T + (8 / 2) * (x @ A.T) @ B.T, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_delta_fan_in_fan_out_conv1d():
@@ -184,7 +221,9 @@ def test_delta_conv2d_equals_composed_convolutions(k):
     assert m.base_shape == (5, 4, k, k)
     x = torch.randn(2, 4, 9, 9, generator=g)
     lora_out = F.conv2d(F.conv2d(x, A, padding=k // 2), B) * 2.0
-    torch.testing.assert_close(F.conv2d(x, m.delta(), padding=k // 2), lora_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        F.conv2d(x, m.delta(), padding=k // 2), lora_out, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_delta_embedding_equals_lookup():
@@ -218,7 +257,9 @@ def test_delta_equals_peft_get_delta_weight(cases, name):
         if isinstance(module, LoraLayer) and "default" in module.scaling:
             key = path.removeprefix("base_model.model.") + ".weight"
             ref = module.get_delta_weight("default")
-            torch.testing.assert_close(adapter.modules[key].delta(), ref, rtol=0, atol=1e-6, msg=key)
+            torch.testing.assert_close(
+                adapter.modules[key].delta(), ref, rtol=0, atol=1e-6, msg=key
+            )
             seen += 1
     assert seen == len(adapter.modules) > 0
 
@@ -285,8 +326,9 @@ def test_header_offsets_past_end_and_overlapping(tmp_path):
         load_adapter(write_bytes(tmp_path / "s.safetensors", _rewrite_header(data, wrong_shape)))
 
 
-
-@pytest.mark.parametrize("alpha_dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "alpha_dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+)
 def test_lazy_read_agrees_with_eager_read(cases, tmp_path, alpha_dtype):
     """Header-only reading (what a merge plans with) gives the same modules and content hash."""
     from loratool.sources import canonical_sha256
@@ -300,7 +342,12 @@ def test_lazy_read_agrees_with_eager_read(cases, tmp_path, alpha_dtype):
         for name, m in eager.modules.items():
             lm = lazy.modules[name]
             assert isinstance(lm.A, HeaderTensor) and lm.lazy
-            assert (lm.kind, lm.alpha, lm.rank, lm.base_shape) == (m.kind, m.alpha, m.rank, m.base_shape), name
+            assert (lm.kind, lm.alpha, lm.rank, lm.base_shape) == (
+                m.kind,
+                m.alpha,
+                m.rank,
+                m.base_shape,
+            ), name
             real = lm.materialized()
             assert torch.equal(real.A, m.A) and torch.equal(real.B, m.B), name
         assert canonical_sha256(lazy) == canonical_sha256(eager)
@@ -315,10 +362,13 @@ def test_lazy_factors_are_checked_for_nan_when_read(tmp_path):
     with pytest.raises(ValidationError, match=r"n\.safetensors: a\.weight: lora_B contains NaN"):
         mod.materialized()
 
+
 def test_rank_mismatch(tmp_path):
     p = tmp_path / "r.safetensors"
     save_file({"a.lora_A.weight": torch.ones(2, 3), "a.lora_B.weight": torch.ones(3, 4)}, p)
-    with pytest.raises(ValidationError, match=r"r\.safetensors: a\.weight: A has rank 2 but B has rank 4"):
+    with pytest.raises(
+        ValidationError, match=r"r\.safetensors: a\.weight: A has rank 2 but B has rank 4"
+    ):
         load_adapter(p)
 
 
@@ -328,7 +378,9 @@ def test_nan_inf(tmp_path, bad):
     B = torch.ones(3, 2)
     B[1, 1] = bad
     save_file({"a.lora_A.weight": torch.ones(2, 3), "a.lora_B.weight": B}, p)
-    with pytest.raises(ValidationError, match=r"n\.safetensors: a\.weight: lora_B contains (NaN|Inf)"):
+    with pytest.raises(
+        ValidationError, match=r"n\.safetensors: a\.weight: lora_B contains (NaN|Inf)"
+    ):
         load_adapter(p)
 
 
@@ -374,11 +426,20 @@ def test_config_that_lies_about_rank(cases, tmp_path):
 def test_bad_inputs_through_the_cli_exit_1_and_write_nothing(cases, tmp_path, cli_run):
     case = cases["llama"]
     bad = tmp_path / "bad.safetensors"
-    save_file({"model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 64), "model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(64, 3)}, bad)
+    save_file(
+        {
+            "model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 64),
+            "model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(64, 3),
+        },
+        bad,
+    )
     out = tmp_path / "out"
     r = cli_run("merge", case.base_dir, bad, "-o", out)
     assert r.exit_code == 1
-    assert r.stderr.strip() == f"error: {bad}: model.layers.0.self_attn.q_proj.weight: A has rank 2 but B has rank 3 (A (2, 64), B (64, 3))"
+    assert (
+        r.stderr.strip()
+        == f"error: {bad}: model.layers.0.self_attn.q_proj.weight: A has rank 2 but B has rank 3 (A (2, 64), B (64, 3))"
+    )
     assert "Traceback" not in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]
 
@@ -390,9 +451,36 @@ def test_debug_shows_traceback(cases, tmp_path):
     bad = tmp_path / "x.bin"
     bad.write_bytes(b"\x80\x04junk")
     env = {"LORATOOL_DEBUG": "1", "PATH": "/usr/bin:/bin"}
-    p = subprocess.run([sys.executable, "-m", "loratool", "merge", str(cases["llama"].base_dir), str(bad), "-o", str(tmp_path / "o")], capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loratool",
+            "merge",
+            str(cases["llama"].base_dir),
+            str(bad),
+            "-o",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert p.returncode == 1 and "Traceback" in p.stderr
-    p = subprocess.run([sys.executable, "-m", "loratool", "merge", str(cases["llama"].base_dir), str(bad), "-o", str(tmp_path / "o")], capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loratool",
+            "merge",
+            str(cases["llama"].base_dir),
+            str(bad),
+            "-o",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip().startswith(f"error: {bad}: pickle checkpoints are never opened")
 
@@ -405,7 +493,9 @@ def fuzz_seed_bytes(cases):
     return (cases["llama_rslora"].adapter_dir / "adapter_model.safetensors").read_bytes()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_fuzzed_files_raise_only_our_errors(fuzz_seed_bytes, tmp_path_factory, data):
     raw = bytearray(fuzz_seed_bytes)

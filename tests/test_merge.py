@@ -65,7 +65,9 @@ def test_merge_matches_peft_float32(cases, name, tmp_path):
     assert changed == len(adapter.modules) == res.tensors_changed
     assert res.tensors_copied == len(ours) - changed
     # the base directory's other files come along
-    assert (tmp_path / "out" / "config.json").read_bytes() == (case.base_dir / "config.json").read_bytes()
+    assert (tmp_path / "out" / "config.json").read_bytes() == (
+        case.base_dir / "config.json"
+    ).read_bytes()
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
@@ -88,13 +90,14 @@ def test_bf16_merge_rounds_once_and_is_within_one_ulp_of_peft(cases, name, tmp_p
 
     # peft (CPU) keeps the fp32 adapter as saved and adds in place: also one rounding
     peft_model = PeftModel.from_pretrained(
-        __import__("transformers").AutoModelForCausalLM.from_pretrained(bf_dir, dtype=torch.bfloat16),
+        __import__("transformers").AutoModelForCausalLM.from_pretrained(
+            bf_dir, dtype=torch.bfloat16
+        ),
         case.adapter_dir,
     )
     theirs = peft_model.merge_and_unload().state_dict()
     for k in adapter.modules:
         assert int(ulp_distance(ours[k], theirs[k].contiguous()).max()) <= 1, k
-
 
 
 def _dense_deltas(base_dir, adapter_dir):
@@ -107,12 +110,17 @@ def _dense_deltas(base_dir, adapter_dir):
     return out
 
 
-@pytest.mark.parametrize(("stored", "option", "written"), [
-    (torch.bfloat16, "float32", torch.float32),  # wider than stored: no rounding at all
-    (torch.float32, "bfloat16", torch.bfloat16),  # narrower: the float32 sum rounded once
-    (torch.float32, "float16", torch.float16),
-])
-def test_dtype_option_converts_every_float_tensor_and_rounds_once(cases, tmp_path, stored, option, written):
+@pytest.mark.parametrize(
+    ("stored", "option", "written"),
+    [
+        (torch.bfloat16, "float32", torch.float32),  # wider than stored: no rounding at all
+        (torch.float32, "bfloat16", torch.bfloat16),  # narrower: the float32 sum rounded once
+        (torch.float32, "float16", torch.float16),
+    ],
+)
+def test_dtype_option_converts_every_float_tensor_and_rounds_once(
+    cases, tmp_path, stored, option, written
+):
     case = cases["llama_embed"]
     src = tmp_path / "base"
     case.fresh_base(stored).save_pretrained(src)
@@ -168,7 +176,12 @@ def test_sharded_base_keeps_its_layout(cases, tmp_path):
 
 def test_weighted_multi_adapter_merge_equals_dense_sum(cases, tmp_path):
     a, b = cases["llama"], cases["llama_rslora"]
-    merge(a.base_dir, [inp(a.adapter_dir, 0.7), inp(b.adapter_dir, -1.3)], tmp_path / "out", device="cpu")
+    merge(
+        a.base_dir,
+        [inp(a.adapter_dir, 0.7), inp(b.adapter_dir, -1.3)],
+        tmp_path / "out",
+        device="cpu",
+    )
     ours = load_file(tmp_path / "out" / "model.safetensors")
     base = load_file(a.base_dir / "model.safetensors")
     expected = {k: v.clone() for k, v in base.items()}
@@ -200,7 +213,16 @@ def test_unmerge_of_a_merge_returns_the_base(cases, tmp_path, cli_run):
     assert report["tensors_checked"] == len(load_file(case.base_dir / "model.safetensors"))
     assert report["max_abs_error"] <= 1e-6
     # the CLI reports the same figures
-    r = cli_run("unmerge", merged, case.adapter_dir, "-o", tmp_path / "r2", "--check", case.base_dir, "--json")
+    r = cli_run(
+        "unmerge",
+        merged,
+        case.adapter_dir,
+        "-o",
+        tmp_path / "r2",
+        "--check",
+        case.base_dir,
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert data["check"]["max_abs_error"] == pytest.approx(report["max_abs_error"])
@@ -225,7 +247,11 @@ def test_in_memory_merge_and_unmerge_switch_tasks(cases):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     adapter = loratool.load_adapter(case.adapter_dir)
     changed = merge_into(model, adapter)
-    reference = PeftModel.from_pretrained(case.fresh_base(), case.adapter_dir).merge_and_unload().state_dict()
+    reference = (
+        PeftModel.from_pretrained(case.fresh_base(), case.adapter_dir)
+        .merge_and_unload()
+        .state_dict()
+    )
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, reference[k], rtol=0, atol=1e-5)
     assert len(changed) == len(adapter.modules)
@@ -299,7 +325,9 @@ def test_adapter_for_another_base_warns_or_refuses_with_strict(cases, tmp_path, 
     cfg = json.loads((case.adapter_dir / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "meta-llama/Llama-3-70B"
     (other / "adapter_config.json").write_text(json.dumps(cfg))
-    (other / "adapter_model.safetensors").write_bytes((case.adapter_dir / "adapter_model.safetensors").read_bytes())
+    (other / "adapter_model.safetensors").write_bytes(
+        (case.adapter_dir / "adapter_model.safetensors").read_bytes()
+    )
     r = cli_run("merge", case.base_dir, other, "-o", tmp_path / "out")
     assert r.exit_code == 0 and "Llama-3-70B" in r.stderr
     r = cli_run("merge", case.base_dir, other, "-o", tmp_path / "out2", "--strict")
@@ -369,9 +397,10 @@ def test_merge_that_cannot_fit_is_refused_before_writing(cases, tmp_path, cli_ru
     monkeypatch.setattr(os, "statvfs", lambda p: Full(real(p)))
     r = cli_run("merge", case.base_dir, case.adapter_dir, "-o", tmp_path / "out")
     assert r.exit_code == 1
-    assert r.stderr.startswith("error: ") and "free" in r.stderr and str(tmp_path / "out") in r.stderr
+    assert (
+        r.stderr.startswith("error: ") and "free" in r.stderr and str(tmp_path / "out") in r.stderr
+    )
     assert list(tmp_path.iterdir()) == []
-
 
 
 def test_cli_process_exit_codes_and_nan_factor_found_during_the_copy(cases, tmp_path):
@@ -379,10 +408,19 @@ def test_cli_process_exit_codes_and_nan_factor_found_during_the_copy(cases, tmp_
     a NaN in a factor, found only once the engine reads the factors, exits 1 with one error
     line naming the file and tensor, and leaves nothing."""
     case = cases["llama"]
-    run = lambda *a: subprocess.run([sys.executable, "-m", "loratool", *map(str, a)], capture_output=True, text=True)  # noqa: E731
-    ok = run("merge", case.base_dir, case.adapter_dir, "-o", tmp_path / "ok", "--device", "cpu", "--json")
+
+    def run(*a):
+        return subprocess.run(
+            [sys.executable, "-m", "loratool", *map(str, a)], capture_output=True, text=True
+        )
+
+    ok = run(
+        "merge", case.base_dir, case.adapter_dir, "-o", tmp_path / "ok", "--device", "cpu", "--json"
+    )
     assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["tensors_changed"] == len(loratool.load_adapter(case.adapter_dir).modules)
+    assert json.loads(ok.stdout)["tensors_changed"] == len(
+        loratool.load_adapter(case.adapter_dir).modules
+    )
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "adapter_config.json").write_text((case.adapter_dir / "adapter_config.json").read_text())
@@ -394,6 +432,9 @@ def test_cli_process_exit_codes_and_nan_factor_found_during_the_copy(cases, tmp_
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert "adapter_model.safetensors" in lines[0] and "model.layers.1.self_attn.v_proj.weight" in lines[0]
+    assert (
+        "adapter_model.safetensors" in lines[0]
+        and "model.layers.1.self_attn.v_proj.weight" in lines[0]
+    )
     assert "lora_A contains NaN" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "ok"]

@@ -57,7 +57,9 @@ def test_catalog_view_against_a_base(cases, cli_run):
     llama = next(a for a in doc["adapters"] if a["name"] == "llama")
     q = tensors["model.layers.0.self_attn.q_proj.weight"]
     k = tensors["model.layers.0.self_attn.k_proj.weight"]
-    assert llama["dense_params"] == 2 * 2 * (q.numel() + k.numel())  # q,k,v,o ×2 layers; v,o like k,q
+    assert llama["dense_params"] == 2 * 2 * (
+        q.numel() + k.numel()
+    )  # q,k,v,o ×2 layers; v,o like k,q
     # without --base: grouped by base model; human output too
     r = cli_run("savings", "--json")
     assert set(json.loads(r.stdout)) >= {"adapters", "by_base_model"}
@@ -78,10 +80,15 @@ def _sharded_base(root, shards=3):
     weight_map = {}
     for i in range(shards):
         name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        t = {f"model.layers.{i}.self_attn.q_proj.weight": torch.randn(64, 64), f"model.layers.{i}.input_layernorm.weight": torch.ones(64)}
+        t = {
+            f"model.layers.{i}.self_attn.q_proj.weight": torch.randn(64, 64),
+            f"model.layers.{i}.input_layernorm.weight": torch.ones(64),
+        }
         save_file(t, root / name)
         weight_map.update({k: name for k in t})
-    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (root / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     return root
 
 
@@ -133,7 +140,9 @@ def test_a_100_gb_sparse_sharded_base_answers(tmp_path):
     for i in range(4):
         name = f"model-{i + 1:05d}-of-00004.safetensors"
         n = per_shard // 2
-        header = json.dumps({f"layer.{i}.weight": {"dtype": "BF16", "shape": [n], "data_offsets": [0, per_shard]}}).encode()
+        header = json.dumps(
+            {f"layer.{i}.weight": {"dtype": "BF16", "shape": [n], "data_offsets": [0, per_shard]}}
+        ).encode()
         header += b" " * (-len(header) % 8)
         with open(root / name, "wb") as fh:
             fh.write(struct.pack("<Q", len(header)) + header)
@@ -143,7 +152,10 @@ def test_a_100_gb_sparse_sharded_base_answers(tmp_path):
     env = dict(os.environ)
     p = subprocess.run(
         [sys.executable, "-m", "loratool", "savings", "--base", str(root), "--json"],
-        capture_output=True, text=True, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
@@ -151,7 +163,18 @@ def test_a_100_gb_sparse_sharded_base_answers(tmp_path):
 
 
 def test_hypothetical_from_base_headers(cases, cli_run):
-    r = cli_run("savings", "--base", cases["llama"].base_dir, "--rank", "8", "--targets", "q_proj,v_proj", "--dtype", "float32", "--json")
+    r = cli_run(
+        "savings",
+        "--base",
+        cases["llama"].base_dir,
+        "--rank",
+        "8",
+        "--targets",
+        "q_proj,v_proj",
+        "--dtype",
+        "float32",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     # llama_config: hidden 64, 2 layers, GQA k/v 32×64: q 8·(64+64), v 8·(32+64) per layer

@@ -9,9 +9,13 @@ from .options import emit_json, home_from, json_option
 
 @click.command()
 @click.argument("name")
-@click.option("--repo", required=True, metavar="OWNER/NAME", help="The Hub repository (created when missing).")
+@click.option(
+    "--repo", required=True, metavar="OWNER/NAME", help="The Hub repository (created when missing)."
+)
 @click.option("--private", is_flag=True, help="Create the repository private.")
-@click.option("--revision", metavar="BRANCH", help="Push to this branch (created when missing; default main).")
+@click.option(
+    "--revision", metavar="BRANCH", help="Push to this branch (created when missing; default main)."
+)
 @click.option("--message", help="Commit message.")
 @json_option
 @click.pass_context
@@ -42,7 +46,10 @@ def push(ctx, name, repo, private, revision, message, json_):
     with tempfile.TemporaryDirectory(prefix="loratool-push-") as tmp:
         build_hub_folder(adapter, row, repo_id, Path(tmp))
         result = push_folder(
-            Path(tmp), repo_id, private=private, revision=revision,
+            Path(tmp),
+            repo_id,
+            private=private,
+            revision=revision,
             message=message or f"Upload {name} ({row['task']}) with loratool",
         )
     cat.add_remote(name, repo=repo_id, revision=result["revision"], commit=result["commit"])
@@ -92,4 +99,6 @@ def pull(ctx, spec, task, name, replace, json_):
     if json_:
         emit_json({"name": row["name"], **info, "sha256": row["sha256"]})
         return
-    render.echo(f"{row['name']}: pulled {info['repo']}@{info['commit'][:12]}, {row['modules']} modules, task {task}")
+    render.echo(
+        f"{row['name']}: pulled {info['repo']}@{info['commit'][:12]}, {row['modules']} modules, task {task}"
+    )

@@ -25,7 +25,15 @@ def _run(ctx, base, specs, out, sign, device, dtype, force, strict, json_):
     from ..merge import execute, plan_merge
     from . import render
 
-    plan = plan_merge(base, _open_inputs(ctx, specs, sign), out, dtype=dtype, device=device, force=force, strict=strict)
+    plan = plan_merge(
+        base,
+        _open_inputs(ctx, specs, sign),
+        out,
+        dtype=dtype,
+        device=device,
+        force=force,
+        strict=strict,
+    )
     for w in plan.warnings:
         render.warn(w)
     with render.progress_bytes("merging", plan.total_bytes) as advance:
@@ -42,11 +50,21 @@ def _run(ctx, base, specs, out, sign, device, dtype, force, strict, json_):
 @click.command()
 @click.argument("base", type=click.Path(exists=True))
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[=WEIGHT]...")
-@click.option("-o", "--out", required=True, type=click.Path(), help="Where to write the merged model.")
+@click.option(
+    "-o", "--out", required=True, type=click.Path(), help="Where to write the merged model."
+)
 @device_option
-@click.option("--dtype", type=DTYPES, default="same", show_default=True, help="Dtype of the written floating tensors.")
+@click.option(
+    "--dtype",
+    type=DTYPES,
+    default="same",
+    show_default=True,
+    help="Dtype of the written floating tensors.",
+)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--strict", is_flag=True, help="Refuse an adapter made for another base (default: warn).")
+@click.option(
+    "--strict", is_flag=True, help="Refuse an adapter made for another base (default: warn)."
+)
 @json_option
 @click.pass_context
 def merge(ctx, base, adapters, out, device, dtype, force, strict, json_):
@@ -72,10 +90,23 @@ def merge(ctx, base, adapters, out, device, dtype, force, strict, json_):
 @click.command()
 @click.argument("merged", type=click.Path(exists=True))
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[=WEIGHT]...")
-@click.option("-o", "--out", required=True, type=click.Path(), help="Where to write the restored model.")
-@click.option("--check", "check_base", type=click.Path(exists=True), help="Original base: report the round-trip error against it.")
+@click.option(
+    "-o", "--out", required=True, type=click.Path(), help="Where to write the restored model."
+)
+@click.option(
+    "--check",
+    "check_base",
+    type=click.Path(exists=True),
+    help="Original base: report the round-trip error against it.",
+)
 @device_option
-@click.option("--dtype", type=DTYPES, default="same", show_default=True, help="Dtype of the written floating tensors.")
+@click.option(
+    "--dtype",
+    type=DTYPES,
+    default="same",
+    show_default=True,
+    help="Dtype of the written floating tensors.",
+)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @json_option
 @click.pass_context
@@ -99,7 +130,12 @@ def unmerge(ctx, merged, adapters, out, check_base, device, dtype, force, json_)
 
         check = compare_bases(out, check_base)
         doc["check"] = check
-        doc.update({k: check[k] for k in ("max_abs_error", "max_ulp_error", "tensors_checked", "tensors_exact")})
+        doc.update(
+            {
+                k: check[k]
+                for k in ("max_abs_error", "max_ulp_error", "tensors_checked", "tensors_exact")
+            }
+        )
         if not json_:
             render.echo(
                 f"check against {check_base}: {check['tensors_exact']}/{check['tensors_checked']} tensors bit-exact, "

@@ -10,7 +10,10 @@ import click
 
 def json_option(f):
     return click.option(
-        "--json", "json_", is_flag=True, help="Print one JSON document on stdout and nothing else there."
+        "--json",
+        "json_",
+        is_flag=True,
+        help="Print one JSON document on stdout and nothing else there.",
     )(f)
 
 

@@ -8,8 +8,12 @@ from .options import device_option, emit_json, home_from, json_option, parse_wei
 
 
 def _output_options(f):
-    f = click.option("-o", "--out", "out", type=click.Path(), help="Write a PEFT directory here.")(f)
-    f = click.option("--as", "as_name", metavar="NAME", help="Add the result to the catalog under NAME.")(f)
+    f = click.option("-o", "--out", "out", type=click.Path(), help="Write a PEFT directory here.")(
+        f
+    )
+    f = click.option(
+        "--as", "as_name", metavar="NAME", help="Add the result to the catalog under NAME."
+    )(f)
     f = click.option("--force", is_flag=True, help="Replace an existing -o directory.")(f)
     return f
 
@@ -55,9 +59,24 @@ def _source_task(ctx, spec: str) -> str | None:
 
 @click.command("inspect-rank")
 @click.argument("adapter")
-@click.option("--threshold", type=float, default=0.99, show_default=True, help="Energy share for the energy rank.")
-@click.option("--module", "module_glob", metavar="GLOB", help="Only modules whose name matches, e.g. '*q_proj*'.")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Plot the spectra to FILE.png (needs the plot extra).")
+@click.option(
+    "--threshold",
+    type=float,
+    default=0.99,
+    show_default=True,
+    help="Energy share for the energy rank.",
+)
+@click.option(
+    "--module",
+    "module_glob",
+    metavar="GLOB",
+    help="Only modules whose name matches, e.g. '*q_proj*'.",
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    help="Plot the spectra to FILE.png (needs the plot extra).",
+)
 @json_option
 @click.pass_context
 def inspect_rank(ctx, adapter, threshold, module_glob, plot, json_):
@@ -104,15 +123,42 @@ def inspect_rank(ctx, adapter, threshold, module_glob, plot, json_):
         )
     render.table(
         f"{opened.label}: singular values of each ΔW",
-        ["module", "shape", ("r", "right"), ("numerical", "right"), (f"energy@{threshold:g}", "right"), ("stable", "right"), ("entropy", "right"), "spectrum"],
+        [
+            "module",
+            "shape",
+            ("r", "right"),
+            ("numerical", "right"),
+            (f"energy@{threshold:g}", "right"),
+            ("stable", "right"),
+            ("entropy", "right"),
+            "spectrum",
+        ],
         rows,
     )
     s = report["summary"]
     kinds = [
-        [k, v["modules"], v["rank"], v["energy_rank_median"], v["energy_rank_max"], f"{v['stable_rank_mean']:.2f}"]
+        [
+            k,
+            v["modules"],
+            v["rank"],
+            v["energy_rank_median"],
+            v["energy_rank_max"],
+            f"{v['stable_rank_mean']:.2f}",
+        ]
         for k, v in s["by_layer_kind"].items()
     ]
-    render.table("by layer kind", ["kind", ("modules", "right"), ("r", "right"), ("energy median", "right"), ("energy max", "right"), ("stable mean", "right")], kinds)
+    render.table(
+        "by layer kind",
+        [
+            "kind",
+            ("modules", "right"),
+            ("r", "right"),
+            ("energy median", "right"),
+            ("energy max", "right"),
+            ("stable mean", "right"),
+        ],
+        kinds,
+    )
     render.echo(
         f"{s['modules']} modules; r up to {s['rank']}, numerical rank up to {s['numerical_rank_max']}; "
         f"{threshold:g} of the energy fits in rank {s['energy_rank_max']} everywhere: "
@@ -125,7 +171,9 @@ def inspect_rank(ctx, adapter, threshold, module_glob, plot, json_):
 @click.command()
 @click.argument("adapter")
 @click.option("--rank", type=int, help="Keep this many singular values per module.")
-@click.option("--energy", type=float, help="Keep the fewest singular values holding this share of Σσ².")
+@click.option(
+    "--energy", type=float, help="Keep the fewest singular values holding this share of Σσ²."
+)
 @click.option("--task", help="Task for --as (default: the source's catalog task).")
 @_output_options
 @json_option
@@ -150,15 +198,28 @@ def resize(ctx, adapter, rank, energy, task, as_name, out, force, json_):
     with render.progress_count("resizing", len(opened.adapter.modules)) as advance:
         result, kept = do_resize(opened.adapter, rank=rank, energy=energy, progress=advance)
     where = _store(
-        ctx, result, as_name=as_name, out=out, force=force, task=task or _source_task(ctx, adapter),
-        source_label=f"resize {opened.label}", extra_meta={"resized_from": opened.label},
+        ctx,
+        result,
+        as_name=as_name,
+        out=out,
+        force=force,
+        task=task or _source_task(ctx, adapter),
+        source_label=f"resize {opened.label}",
+        extra_meta={"resized_from": opened.label},
     )
     doc = {
         "source": opened.label,
         "written": where,
         "params_before": opened.adapter.params,
         "params_after": result.params,
-        "modules": {n: {"rank_before": opened.adapter.modules[n].rank, "rank_after": m.rank, "energy_kept": kept[n]} for n, m in result.modules.items()},
+        "modules": {
+            n: {
+                "rank_before": opened.adapter.modules[n].rank,
+                "rank_after": m.rank,
+                "energy_kept": kept[n],
+            }
+            for n, m in result.modules.items()
+        },
         "min_energy_kept": min(kept.values()),
     }
     if json_:
@@ -174,7 +235,9 @@ def resize(ctx, adapter, rank, energy, task, as_name, out, force, json_):
 @click.argument("base", type=click.Path(exists=True))
 @click.argument("finetuned", type=click.Path(exists=True))
 @click.option("--rank", type=int, help="Rank of every extracted module.")
-@click.option("--energy", type=float, help="Per module, the fewest singular values holding this share.")
+@click.option(
+    "--energy", type=float, help="Per module, the fewest singular values holding this share."
+)
 @click.option("--task", required=True, help="The task the fine-tuned model was trained for.")
 @device_option
 @_output_options
@@ -200,14 +263,26 @@ def extract(ctx, base, finetuned, rank, energy, task, device, as_name, out, forc
     _check_output_choice(as_name, out)
     n = len(read_base(base).tensors)
     with render.progress_count("extracting", n) as advance:
-        adapter, errors = do_extract(base, finetuned, rank=rank, energy=energy, device=device, progress=advance)
+        adapter, errors = do_extract(
+            base, finetuned, rank=rank, energy=energy, device=device, progress=advance
+        )
     adapter.meta.task = task
     adapter.meta.base_model = Path(base).resolve().name
-    where = _store(ctx, adapter, as_name=as_name, out=out, force=force, task=task, source_label=f"extract {finetuned}")
+    where = _store(
+        ctx,
+        adapter,
+        as_name=as_name,
+        out=out,
+        force=force,
+        task=task,
+        source_label=f"extract {finetuned}",
+    )
     skipped = adapter.origin.get("extract_skipped_1d", [])
     doc = {
         "written": where,
-        "modules": {k: {"rank": adapter.modules[k].rank, "relative_error": v} for k, v in errors.items()},
+        "modules": {
+            k: {"rank": adapter.modules[k].rank, "relative_error": v} for k, v in errors.items()
+        },
         "max_relative_error": max(errors.values()),
         "params": adapter.params,
         "skipped_1d_changed": skipped,
@@ -220,14 +295,27 @@ def extract(ctx, base, finetuned, rank, energy, task, device, as_name, out, forc
         f"relative error ≤ {doc['max_relative_error']:.3g}"
     )
     if skipped:
-        render.warn(f"{len(skipped)} changed 1-D tensors (norms, biases) cannot be expressed as LoRA: {', '.join(skipped[:5])}")
+        render.warn(
+            f"{len(skipped)} changed 1-D tensors (norms, biases) cannot be expressed as LoRA: {', '.join(skipped[:5])}"
+        )
 
 
 @click.command()
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[=WEIGHT]...")
-@click.option("--method", type=click.Choice(["linear", "cat", "svd", "ties", "dare"]), required=True, help="How to combine.")
+@click.option(
+    "--method",
+    type=click.Choice(["linear", "cat", "svd", "ties", "dare"]),
+    required=True,
+    help="How to combine.",
+)
 @click.option("--rank", type=int, help="Rank of the result (svd, ties, dare).")
-@click.option("--density", type=float, default=0.5, show_default=True, help="Share of entries kept (ties, dare).")
+@click.option(
+    "--density",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Share of entries kept (ties, dare).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (dare).")
 @click.option("--task", help="Task for --as (default: the inputs' common catalog task).")
 @_output_options
@@ -265,8 +353,14 @@ def combine(ctx, adapters, method, rank, density, seed, task, as_name, out, forc
         tasks = {_source_task(ctx, parse_weighted(s)[0]) for s in adapters}
         task = tasks.pop() if len(tasks) == 1 else None
     where = _store(
-        ctx, result, as_name=as_name, out=out, force=force, task=task,
-        source_label=f"combine --method {method} " + " ".join(labels), extra_meta={"combined_from": " ".join(labels)},
+        ctx,
+        result,
+        as_name=as_name,
+        out=out,
+        force=force,
+        task=task,
+        source_label=f"combine --method {method} " + " ".join(labels),
+        extra_meta={"combined_from": " ".join(labels)},
     )
     doc = {
         "written": where,
@@ -282,5 +376,9 @@ def combine(ctx, adapters, method, rank, density, seed, task, as_name, out, forc
         return
     render.echo(
         f"{where}: {doc['modules']} modules, rank up to {doc['rank']}, {render.human_count(doc['params'])} params"
-        + (f", relative error ≤ {doc['max_relative_error']:.3g}" if method in ("svd", "ties", "dare") else " (exact)")
+        + (
+            f", relative error ≤ {doc['max_relative_error']:.3g}"
+            if method in ("svd", "ties", "dare")
+            else " (exact)"
+        )
     )

@@ -51,10 +51,14 @@ def err_console() -> Console:
 
 
 def warn(message: str) -> None:
-    err_console().print(f"[yellow]warning:[/yellow] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
+    err_console().print(
+        f"[yellow]warning:[/yellow] {escape(message)}", markup=True, highlight=False, soft_wrap=True
+    )
 
 
-def table(title: str | None, columns: Sequence[str | tuple[str, str]], rows: Sequence[Sequence[object]]) -> None:
+def table(
+    title: str | None, columns: Sequence[str | tuple[str, str]], rows: Sequence[Sequence[object]]
+) -> None:
     """Print a table; a column given as (name, "right") is right-aligned."""
     t = Table(title=title, show_lines=False, header_style="bold")
     for col in columns:
@@ -66,7 +70,13 @@ def table(title: str | None, columns: Sequence[str | tuple[str, str]], rows: Seq
 
 
 def echo(text: str = "", **kw) -> None:
-    console().print(text, highlight=False, markup=kw.pop("markup", False), soft_wrap=kw.pop("soft_wrap", True), **kw)
+    console().print(
+        text,
+        highlight=False,
+        markup=kw.pop("markup", False),
+        soft_wrap=kw.pop("soft_wrap", True),
+        **kw,
+    )
 
 
 class _QuietBar:

@@ -9,11 +9,29 @@ from .options import emit_json, home_from, json_option
 
 @click.command()
 @click.argument("names", nargs=-1, metavar="[NAME]...")
-@click.option("--base", "base_path", type=click.Path(exists=True), help="The base model: exact params and bytes from its headers.")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="A Hugging Face config.json for a hypothetical adapter.")
+@click.option(
+    "--base",
+    "base_path",
+    type=click.Path(exists=True),
+    help="The base model: exact params and bytes from its headers.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A Hugging Face config.json for a hypothetical adapter.",
+)
 @click.option("--rank", type=int, help="Rank of the hypothetical adapter.")
-@click.option("--targets", help="Comma-separated module names, as PEFT's target_modules (q_proj,v_proj).")
-@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float32", "float16", "bfloat16", "float8"]), help="Storage dtype of the hypothetical adapter and base.")
+@click.option(
+    "--targets", help="Comma-separated module names, as PEFT's target_modules (q_proj,v_proj)."
+)
+@click.option(
+    "--dtype",
+    default="float16",
+    show_default=True,
+    type=click.Choice(["float32", "float16", "bfloat16", "float8"]),
+    help="Storage dtype of the hypothetical adapter and base.",
+)
 @json_option
 @click.pass_context
 def savings(ctx, names, base_path, config_path, rank, targets, dtype, json_):
@@ -39,7 +57,9 @@ def savings(ctx, names, base_path, config_path, rank, targets, dtype, json_):
 
     if rank is not None or targets is not None or config_path is not None:
         if rank is None or targets is None or (config_path is None and base_path is None):
-            raise click.UsageError("a hypothetical adapter needs --rank, --targets and one of --config / --base")
+            raise click.UsageError(
+                "a hypothetical adapter needs --rank, --targets and one of --config / --base"
+            )
         if names:
             raise click.UsageError("give adapter NAMEs or a hypothetical adapter, not both")
         target_list = [t.strip() for t in targets.split(",") if t.strip()]
@@ -56,7 +76,9 @@ def savings(ctx, names, base_path, config_path, rank, targets, dtype, json_):
             except ValueError as exc:
                 raise ValidationError("not valid JSON", file=config_path) from exc
             doc = hypothetical_adapter(config, rank, target_list, dtype=dtype, source=config_path)
-            doc.update({"rank": rank, "targets": target_list, "dtype": dtype, "config": config_path})
+            doc.update(
+                {"rank": rank, "targets": target_list, "dtype": dtype, "config": config_path}
+            )
         else:
             from ..savings import hypothetical_from_base
 
@@ -88,7 +110,9 @@ def savings(ctx, names, base_path, config_path, rank, targets, dtype, json_):
         rows = []
         for n in names:
             if not cat.exists(n):
-                raise NotFoundError(f"no adapter named {n!r} in the catalog", hint="`loratool list` shows them")
+                raise NotFoundError(
+                    f"no adapter named {n!r} in the catalog", hint="`loratool list` shows them"
+                )
             rows.append(cat.get(n))
         others = []
     elif base_path is not None:
@@ -110,19 +134,35 @@ def savings(ctx, names, base_path, config_path, rank, targets, dtype, json_):
         return
     if not doc["adapters"]:
         if doc.get("other_adapters"):
-            render.echo(f"no catalog adapter fits {base_path}; others: {', '.join(doc['other_adapters'])}")
+            render.echo(
+                f"no catalog adapter fits {base_path}; others: {', '.join(doc['other_adapters'])}"
+            )
         else:
             render.echo("the catalog is empty: `loratool add SOURCE --task T` adds an adapter")
         return
     base = doc.get("base")
     rows_out = []
     for a in doc["adapters"]:
-        row = [a["name"], a["task"], f"{a['params']:,}", f"{a['dense_params']:,}", f"{a['compression']:.1f}×", render.human_size(a["bytes"])]
+        row = [
+            a["name"],
+            a["task"],
+            f"{a['params']:,}",
+            f"{a['dense_params']:,}",
+            f"{a['compression']:.1f}×",
+            render.human_size(a["bytes"]),
+        ]
         if base:
             share = a["bytes"] / base["bytes"] if base["bytes"] else 0
             row.append(_bar(share) + f" {100 * share:.2f}%")
         rows_out.append(row)
-    cols = ["adapter", "task", ("params", "right"), ("ΔW params", "right"), ("compression", "right"), ("size", "right")]
+    cols = [
+        "adapter",
+        "task",
+        ("params", "right"),
+        ("ΔW params", "right"),
+        ("compression", "right"),
+        ("size", "right"),
+    ]
     if base:
         cols.append("size vs base")
     render.table("adapters against the ΔW they stand for", cols, rows_out)
@@ -138,7 +178,9 @@ def savings(ctx, names, base_path, config_path, rank, targets, dtype, json_):
             render.echo(f"not for this base (left out): {', '.join(doc['other_adapters'])}")
     else:
         for bm, g in doc["by_base_model"].items():
-            render.echo(f"{bm}: {len(g['adapters'])} adapters, {render.human_size(g['bytes'])} ({g['params']:,} params for {g['dense_params']:,} dense)")
+            render.echo(
+                f"{bm}: {len(g['adapters'])} adapters, {render.human_size(g['bytes'])} ({g['params']:,} params for {g['dense_params']:,} dense)"
+            )
         render.echo("give --base PATH to compare against full copies of that base")
 
 

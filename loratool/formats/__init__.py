@@ -32,7 +32,9 @@ def detect_format(path: str | os.PathLike) -> str:
         files = sorted(p.glob("*.safetensors"))
         if len(files) == 1:
             return detect_format(files[0])
-        raise FormatError(f"no {CONFIG} and not exactly one .safetensors file: not an adapter", file=p)
+        raise FormatError(
+            f"no {CONFIG} and not exactly one .safetensors file: not an adapter", file=p
+        )
     if p.name == WEIGHTS and (p.parent / CONFIG).exists():
         return "peft"
     header = read_header(p)
@@ -67,7 +69,9 @@ def load_adapter(path: str | os.PathLike, *, lazy: bool = False) -> Adapter:
     return adapter
 
 
-def save_adapter(adapter: Adapter, dest: str | os.PathLike, fmt: str = "peft", *, force: bool = False) -> Path:
+def save_adapter(
+    adapter: Adapter, dest: str | os.PathLike, fmt: str = "peft", *, force: bool = False
+) -> Path:
     """Write ``adapter`` to ``dest`` atomically: a PEFT directory, or one .safetensors file."""
     dest = Path(dest)
     if fmt == "peft":

@@ -54,25 +54,34 @@ def canonical_bytes(adapter: Adapter, *, with_meta: bool = False) -> bytes:
 
 def canonical_from_tensors(tensors: dict, metadata: dict, *, source: object) -> Adapter:
     if metadata.get(FORMAT_KEY) != FORMAT_VERSION:
-        raise FormatError(f"loratool format {metadata.get(FORMAT_KEY)!r} is not supported by this version", file=source)
+        raise FormatError(
+            f"loratool format {metadata.get(FORMAT_KEY)!r} is not supported by this version",
+            file=source,
+        )
     try:
         modules_meta = json.loads(metadata["loratool.modules"])
         origin = json.loads(metadata.get("loratool.origin", "{}"))
         meta_d = json.loads(metadata["loratool.meta"]) if "loratool.meta" in metadata else {}
     except (KeyError, ValueError) as exc:
         raise FormatError("loratool metadata is missing or not JSON", file=source) from exc
-    extra = {k[len(EXTRA):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(EXTRA)]}
+    extra = {k[len(EXTRA) :]: tensors.pop(k) for k in [k for k in tensors if k.startswith(EXTRA)]}
     modules = {}
     for name, info in modules_meta.items():
         try:
             A = tensors.pop(name + ".lora_A")
             B = tensors.pop(name + ".lora_B")
         except KeyError as exc:
-            raise ValidationError("metadata names a module whose tensors are missing", file=source, tensor=name) from exc
-        mod = build_module(name, info["kind"], A, B, info["alpha"], bool(info.get("rslora")), source=source)
+            raise ValidationError(
+                "metadata names a module whose tensors are missing", file=source, tensor=name
+            ) from exc
+        mod = build_module(
+            name, info["kind"], A, B, info["alpha"], bool(info.get("rslora")), source=source
+        )
         modules[name] = mod
     if tensors:
-        raise ValidationError("tensor not described in the metadata", file=source, tensor=sorted(tensors)[0])
+        raise ValidationError(
+            "tensor not described in the metadata", file=source, tensor=sorted(tensors)[0]
+        )
     fields = {f.name for f in dataclasses.fields(AdapterMeta)}
     meta = AdapterMeta(**{k: v for k, v in meta_d.items() if k in fields})
     meta.format = meta.format or origin.get("format") or "loratool"

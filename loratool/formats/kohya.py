@@ -24,14 +24,24 @@ from ..errors import ValidationError
 from ..tensors.header import HeaderTensor
 from ..tensors.io import dtype_tag, load_file, save_file, torch_dtype
 
-KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_")
-_KEY = re.compile(r"^(?P<stem>.+?)\.(?P<part>lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|alpha)$")
+KOHYA_PREFIXES = (
+    "lora_unet_",
+    "lora_te1_",
+    "lora_te2_",
+    "lora_te3_",
+    "lora_te_",
+    "lora_transformer_",
+)
+_KEY = re.compile(
+    r"^(?P<stem>.+?)\.(?P<part>lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|alpha)$"
+)
 _UNSUPPORTED = ("hada_", "lokr_", "dora_scale", "oft_", "lora_mid", "diff_b", ".diff")
 
 
 def looks_like_kohya(keys: list[str]) -> bool:
     return any(
-        k.endswith((".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight")) for k in keys
+        k.endswith((".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight"))
+        for k in keys
     )
 
 
@@ -51,23 +61,39 @@ def kohya_from_tensors(tensors: dict, metadata: dict, *, source: object) -> Adap
     for key, t in tensors.items():
         for marker in _UNSUPPORTED:
             if marker in key:
-                raise ValidationError("LyCORIS / DoRA tensors are not supported, only plain LoRA", file=source, tensor=key)
+                raise ValidationError(
+                    "LyCORIS / DoRA tensors are not supported, only plain LoRA",
+                    file=source,
+                    tensor=key,
+                )
         m = _KEY.match(key)
         if m is None:
-            raise ValidationError("not a LoRA tensor (expected lora_down/lora_up/alpha or lora_A/lora_B)", file=source, tensor=key)
+            raise ValidationError(
+                "not a LoRA tensor (expected lora_down/lora_up/alpha or lora_A/lora_B)",
+                file=source,
+                tensor=key,
+            )
         stem, part = m.group("stem"), m.group("part")
         g = groups.setdefault(stem, {})
         if part == "alpha":
             if t.numel() != 1:
-                raise ValidationError(f"alpha must be a scalar, got shape {tuple(t.shape)}", file=source, tensor=key)
-            g["alpha"] = t.scalar() if isinstance(t, HeaderTensor) else float(t.float().reshape(()).item())
+                raise ValidationError(
+                    f"alpha must be a scalar, got shape {tuple(t.shape)}", file=source, tensor=key
+                )
+            g["alpha"] = (
+                t.scalar() if isinstance(t, HeaderTensor) else float(t.float().reshape(()).item())
+            )
             g["alpha_key"] = key
             alpha_dtype = dtype_tag(t.dtype)
             g["alpha_shape"] = list(t.shape)
             continue
-        this_style = "kohya" if part.startswith("lora_down") or part.startswith("lora_up") else "diffusers"
+        this_style = (
+            "kohya" if part.startswith("lora_down") or part.startswith("lora_up") else "diffusers"
+        )
         if style not in (None, this_style):
-            raise ValidationError("mixes lora_down/lora_up and lora_A/lora_B keys", file=source, tensor=key)
+            raise ValidationError(
+                "mixes lora_down/lora_up and lora_A/lora_B keys", file=source, tensor=key
+            )
         style = this_style
         which = "A" if part.startswith(("lora_down", "lora_A")) else "B"
         g[which] = t
@@ -78,7 +104,11 @@ def kohya_from_tensors(tensors: dict, metadata: dict, *, source: object) -> Adap
         for which in "AB":
             if which not in g:
                 present = g.get("A_key") or g.get("B_key") or g.get("alpha_key")
-                raise ValidationError(f"has no matching {'lora_down' if which == 'A' else 'lora_up'}", file=source, tensor=present)
+                raise ValidationError(
+                    f"has no matching {'lora_down' if which == 'A' else 'lora_up'}",
+                    file=source,
+                    tensor=present,
+                )
         A, B = g["A"], g["B"]
         kind = "conv2d" if A.dim() == 4 else "linear"
         name = stem if is_flat_stem(stem) else stem + ".weight"

@@ -81,7 +81,9 @@ def read_peft(path: Path, *, lazy: bool = False) -> Adapter:
         raise FormatError("not a JSON object", file=cfg_path)
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
-        raise ValidationError(f"peft_type is {peft_type}; only LORA adapters are supported", file=cfg_path)
+        raise ValidationError(
+            f"peft_type is {peft_type}; only LORA adapters are supported", file=cfg_path
+        )
     if config.get("use_dora"):
         raise ValidationError("DoRA adapters (use_dora) are not supported", file=cfg_path)
     weights = path / WEIGHTS
@@ -197,7 +199,9 @@ def build_config(adapter: Adapter) -> dict[str, Any]:
     # key match themselves too).
     config["rank_pattern"] = {module_path(m.name): m.rank for m in mods if m.rank != r}
     config["alpha_pattern"] = {
-        module_path(m.name): (int(m.alpha) if m.alpha.is_integer() else m.alpha) for m in mods if m.alpha != alpha
+        module_path(m.name): (int(m.alpha) if m.alpha.is_integer() else m.alpha)
+        for m in mods
+        if m.alpha != alpha
     }
     config["use_rslora"] = any(m.rslora for m in mods)
     config["fan_in_fan_out"] = any(m.kind == "linear_fifo" for m in mods)
@@ -216,7 +220,11 @@ def _config_fits(config: dict, mods: list[LoraModule]) -> bool:
         p = module_path(m.name)
         if pattern_value(rp, p, r) != m.rank or float(pattern_value(ap, p, alpha)) != m.alpha:
             return False
-        if m.rslora != rslora or (m.kind == "linear_fifo") != fifo and m.kind in ("linear", "linear_fifo"):
+        if (
+            m.rslora != rslora
+            or (m.kind == "linear_fifo") != fifo
+            and m.kind in ("linear", "linear_fifo")
+        ):
             return False
     return True
 

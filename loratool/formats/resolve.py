@@ -28,7 +28,7 @@ def candidates(name: str, keys: list[str]) -> list[str]:
         rest = name
         for p in KOHYA_PREFIXES:
             if name.startswith(p):
-                rest = name[len(p):]
+                rest = name[len(p) :]
                 break
         else:
             rest = name.removeprefix("lora_")
@@ -64,13 +64,23 @@ def resolve(adapter: Adapter, base: BaseIndex | dict, *, source: object | None =
         found = candidates(name, keys)
         if not found:
             close = difflib.get_close_matches(name, keys, n=3, cutoff=0.5)
-            hint = f"closest base tensors: {', '.join(close)}" if close else "is this adapter for another model?"
-            raise ResolutionError(f"matches no tensor of the base {where}", file=source, tensor=name, hint=hint)
+            hint = (
+                f"closest base tensors: {', '.join(close)}"
+                if close
+                else "is this adapter for another model?"
+            )
+            raise ResolutionError(
+                f"matches no tensor of the base {where}", file=source, tensor=name, hint=hint
+            )
         if len(found) > 1:
-            raise ResolutionError(f"matches several base tensors: {', '.join(found[:6])}", file=source, tensor=name)
+            raise ResolutionError(
+                f"matches several base tensors: {', '.join(found[:6])}", file=source, tensor=name
+            )
         target = found[0]
         if target in taken:
-            raise ResolutionError(f"both {taken[target]} and {name} change {target}", file=source, tensor=name)
+            raise ResolutionError(
+                f"both {taken[target]} and {name} change {target}", file=source, tensor=name
+            )
         taken[target] = name
         mapping[name] = target
     out = adapter.renamed(mapping)

@@ -128,7 +128,9 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError("header is not valid JSON: corrupt or not safetensors", file=path) from exc
+        raise FormatError(
+            "header is not valid JSON: corrupt or not safetensors", file=path
+        ) from exc
     if not isinstance(obj, dict):
         raise FormatError("header is not a JSON object", file=path)
     metadata = obj.pop("__metadata__", None) or {}
@@ -146,9 +148,13 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     pos = 0
     for begin, end, name in spans:
         if begin < pos:
-            raise FormatError("data overlaps the previous tensor: the header lies", file=path, tensor=name)
+            raise FormatError(
+                "data overlaps the previous tensor: the header lies", file=path, tensor=name
+            )
         if begin > pos:
-            raise FormatError(f"a hole of {begin - pos} bytes before it: the header lies", file=path, tensor=name)
+            raise FormatError(
+                f"a hole of {begin - pos} bytes before it: the header lies", file=path, tensor=name
+            )
         pos = end
     if pos != data_len:
         raise FormatError(
@@ -269,7 +275,9 @@ def _read_sharded(root: Path, index_path: Path) -> BaseIndex:
         if not isinstance(weight_map, dict):
             raise TypeError
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise FormatError("not a valid index: needs a JSON object with weight_map", file=index_path) from exc
+        raise FormatError(
+            "not a valid index: needs a JSON object with weight_map", file=index_path
+        ) from exc
     files: list[Path] = []
     for fname in weight_map.values():
         if not isinstance(fname, str) or "/" in fname or "\\" in fname or fname.startswith("."):
@@ -289,10 +297,14 @@ def _read_sharded(root: Path, index_path: Path) -> BaseIndex:
     for name, fname in weight_map.items():
         info = tensors.get(name)
         if info is None or info.file.name != fname:
-            raise FormatError(f"index says {fname} holds it, but it does not", file=index_path, tensor=name)
+            raise FormatError(
+                f"index says {fname} holds it, but it does not", file=index_path, tensor=name
+            )
     extra = sorted(set(tensors) - set(weight_map))
     if extra:
-        raise FormatError("tensor in a shard but not in the index", file=index_path, tensor=extra[0])
+        raise FormatError(
+            "tensor in a shard but not in the index", file=index_path, tensor=extra[0]
+        )
     # Keep the index's order (save_pretrained writes it sorted by name); shard order is the
     # order of first appearance, which is what the output will reproduce.
     ordered = {name: tensors[name] for f in files for name in _names_in_file(tensors, f)}
@@ -303,7 +315,16 @@ def _names_in_file(tensors: dict[str, TensorInfo], f: Path) -> list[str]:
     return sorted((n for n, t in tensors.items() if t.file == f), key=lambda n: tensors[n].start)
 
 
-_SCALAR_FORMATS = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
+_SCALAR_FORMATS = {
+    "F64": "<d",
+    "F32": "<f",
+    "F16": "<e",
+    "I64": "<q",
+    "I32": "<i",
+    "I16": "<h",
+    "I8": "<b",
+    "U8": "<B",
+}
 
 
 class HeaderTensor:
@@ -349,18 +370,30 @@ class HeaderTensor:
             fh.seek(self.info.start)
             data = fh.read(self.info.nbytes)
         if len(data) != self.info.nbytes:
-            raise FormatError(f"read {len(data)} of {self.info.nbytes} bytes: truncated", file=self.info.file, tensor=self.info.name)
+            raise FormatError(
+                f"read {len(data)} of {self.info.nbytes} bytes: truncated",
+                file=self.info.file,
+                tensor=self.info.name,
+            )
         return data
 
     def scalar(self) -> float:
         """The value of a one-element tensor (a kohya alpha)."""
         if self.info.numel != 1:
-            raise ValidationError(f"not a scalar: shape {list(self.info.shape)}", file=self.info.file, tensor=self.info.name)
+            raise ValidationError(
+                f"not a scalar: shape {list(self.info.shape)}",
+                file=self.info.file,
+                tensor=self.info.name,
+            )
         if self.info.dtype == "BF16":
             return struct.unpack("<f", b"\0\0" + self.raw())[0]
         fmt = _SCALAR_FORMATS.get(self.info.dtype)
         if fmt is None:
-            raise ValidationError(f"cannot read a {self.info.dtype} scalar", file=self.info.file, tensor=self.info.name)
+            raise ValidationError(
+                f"cannot read a {self.info.dtype} scalar",
+                file=self.info.file,
+                tensor=self.info.name,
+            )
         return float(struct.unpack(fmt, self.raw())[0])
 
     def __repr__(self) -> str:

@@ -56,10 +56,14 @@ def tensor_from_bytes(info: TensorInfo, raw: bytes | bytearray | memoryview) -> 
     import torch
 
     if len(raw) != info.nbytes:
-        raise FormatError(f"read {len(raw)} of {info.nbytes} bytes: truncated", file=info.file, tensor=info.name)
+        raise FormatError(
+            f"read {len(raw)} of {info.nbytes} bytes: truncated", file=info.file, tensor=info.name
+        )
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
-    t = torch.frombuffer(bytearray(raw) if isinstance(raw, bytes) else raw, dtype=torch_dtype(info.dtype))
+    t = torch.frombuffer(
+        bytearray(raw) if isinstance(raw, bytes) else raw, dtype=torch_dtype(info.dtype)
+    )
     return t.reshape(info.shape)
 
 
@@ -73,21 +77,28 @@ def read_tensor(info: TensorInfo, fh=None) -> torch.Tensor:
         buf = bytearray(info.nbytes)
         n = fh.readinto(buf)
         if n != info.nbytes:
-            raise FormatError(f"read {n} of {info.nbytes} bytes: truncated", file=info.file, tensor=info.name)
+            raise FormatError(
+                f"read {n} of {info.nbytes} bytes: truncated", file=info.file, tensor=info.name
+            )
         return tensor_from_bytes(info, buf)
     finally:
         if own:
             fh.close()
 
 
-def load_file(path: str | os.PathLike, *, lazy: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_file(
+    path: str | os.PathLike, *, lazy: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors of a validated safetensors file, in header order, and its metadata.
 
     With ``lazy``, HeaderTensor stand-ins that read nothing (and need no torch) until used.
     """
     header = read_header(path)
     if lazy:
-        return {n: HeaderTensor(i) for n, i in sorted(header.tensors.items(), key=lambda kv: kv[1].start)}, header.metadata
+        return {
+            n: HeaderTensor(i)
+            for n, i in sorted(header.tensors.items(), key=lambda kv: kv[1].start)
+        }, header.metadata
     out = {}
     with open(header.path, "rb") as fh:
         for name, info in sorted(header.tensors.items(), key=lambda kv: kv[1].start):
@@ -109,7 +120,9 @@ def check_finite(tensors: dict[str, torch.Tensor], path: Path | str) -> None:
             raise ValidationError(f"contains {bad}", file=path, tensor=name)
 
 
-def header_bytes(entries: list[tuple[str, str, tuple[int, ...], int, int]], metadata: dict[str, str] | None) -> bytes:
+def header_bytes(
+    entries: list[tuple[str, str, tuple[int, ...], int, int]], metadata: dict[str, str] | None
+) -> bytes:
     """The 8-byte length and JSON header for (name, dtype tag, shape, begin, end) entries.
 
     Written by hand rather than by the safetensors package because its header order (a Rust
@@ -144,7 +157,9 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None 
 
 
 def save_file(
-    tensors: dict[str, torch.Tensor], dest: str | os.PathLike, metadata: dict[str, str] | None = None
+    tensors: dict[str, torch.Tensor],
+    dest: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
 ) -> None:
     """Write a safetensors file atomically (temp beside it, fsync, rename)."""
     data = serialize(tensors, metadata)
