@@ -134,8 +134,9 @@ class LoraModule:
         self, weight: float = 1.0, *, device: Any = None, dtype: torch.dtype | None = None
     ) -> torch.Tensor:
         """ΔW · weight in float32 (or ``dtype``, at least float32), shaped like the base weight."""
+        m = self.materialized()
         return delta_from_factors(
-            self.kind, self.A, self.B, self.scale * weight, device=device, dtype=dtype
+            self.kind, m.A, m.B, self.scale * weight, device=device, dtype=dtype
         )
 
     def with_name(self, name: str) -> LoraModule:

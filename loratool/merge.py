@@ -315,6 +315,7 @@ _DONE = object()
 # Rows per block when adding a delta: the block of W in float32 and its slice of ΔW stay in
 # cache instead of making several passes over the whole tensor.
 _BLOCK_ELEMS = 1 << 18
+_GPU_BLOCK_ELEMS = 1 << 24
 _READ_BUFFERS = 3
 _LARGE = 64 << 20  # tensors above this get two buffers instead of three
 _FLUSH_EVERY = 256 << 20
@@ -427,7 +428,10 @@ def _compute(tp: TensorPlan, raw, out, device: str, scratch: _Scratch) -> None:
     work = torch.float64 if tp.src.dtype == "F64" else torch.float32
     terms = _factor_terms(tp, w.device, work)
     cols = w2.shape[1]
-    step = max(1, _BLOCK_ELEMS // max(1, cols))
+    # Blocks that stay in cache on the CPU; on a GPU, few large ones (memory is plentiful and
+    # every launch costs).
+    step = max(1, (_BLOCK_ELEMS if device == "cpu" else _GPU_BLOCK_ELEMS) // max(1, cols))
+    finite = []  # per block, on the device: checked once per tensor, so a GPU syncs once
     for i in range(0, rows, step):
         n = min(step, rows - i)
         acc = scratch.block(n, cols, work)
@@ -436,11 +440,12 @@ def _compute(tp: TensorPlan, raw, out, device: str, scratch: _Scratch) -> None:
             acc.addmm_(left[i : i + n], right, alpha=scale)
         if terms:
             lo, hi = torch.aminmax(acc)  # one pass; NaN propagates into both
-            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
-                raise ValidationError(
-                    "the merged weight contains NaN or Inf", file=tp.src.file, tensor=tp.name
-                )
+            finite.append(torch.isfinite(lo) & torch.isfinite(hi))
         res[i : i + n].copy_(acc)  # the one rounding
+    if finite and not bool(torch.stack(finite).all()):
+        raise ValidationError(
+            "the merged weight contains NaN or Inf", file=tp.src.file, tensor=tp.name
+        )
     if device != "cpu":
         out.view(out_dtype).view(rows, -1).copy_(res, non_blocking=True)
         torch.cuda.current_stream(device).synchronize()
