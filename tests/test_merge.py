@@ -438,3 +438,23 @@ def test_cli_process_exit_codes_and_nan_factor_found_during_the_copy(cases, tmp_
     )
     assert "lora_A contains NaN" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "ok"]
+
+
+def test_compare_bases_measures_ulps_per_element_and_at_tensor_scale(tmp_path):
+    """1 + 2⁻²³ is one float32 ulp from 1; 1e-9 + 1e-12 is ~8000 ulps of its own value away
+    but a tiny fraction of an ulp at the tensor's scale (that of 3.0, 2⁻²²)."""
+    ref = torch.tensor([1.0, 1e-9, -3.0], dtype=torch.float32)
+    res = ref.clone()
+    res[0] = 1.0 + 2.0**-23
+    res[1] = torch.tensor(1e-9 + 1e-12, dtype=torch.float32)
+    save_file({"w": ref, "same": torch.ones(4)}, tmp_path / "ref.safetensors")
+    save_file({"w": res, "same": torch.ones(4)}, tmp_path / "res.safetensors")
+    own_ulps = int(ulp_distance(res[1:2], ref[1:2]).item())
+    assert own_ulps > 1000
+    rep = compare_bases(tmp_path / "res.safetensors", tmp_path / "ref.safetensors")
+    assert rep["tensors_checked"] == 2 and rep["tensors_exact"] == 1
+    assert rep["elements_checked"] == 7 and rep["elements_within_1_ulp"] == 4 + 2
+    assert rep["max_ulp_error"] == own_ulps
+    # ulp at the tensor's scale: |w| max is 3.0, whose ulp is 2⁻²²; the worst error is 2⁻²³
+    assert rep["max_error_in_ulps_at_tensor_scale"] == 0.5
+    assert rep["max_abs_error"] == pytest.approx(2.0**-23)

@@ -43,6 +43,11 @@ def _run(ctx, base, specs, out, sign, device, dtype, force, strict, json_):
             f"{result.out}: {result.tensors_changed} tensors changed, {result.tensors_copied} copied, "
             f"{render.human_size(result.bytes_written)} in {result.seconds:.2f} s "
             f"({result.gbps:.2f} GB/s) on {result.device}"
+            + (
+                f"; {result.torch_import_seconds:.2f} s of it importing torch, during the copy"
+                if result.torch_import_seconds >= 0.05
+                else ""
+            )
         )
     return result
 
@@ -139,8 +144,11 @@ def unmerge(ctx, merged, adapters, out, check_base, device, dtype, force, json_)
         if not json_:
             render.echo(
                 f"check against {check_base}: {check['tensors_exact']}/{check['tensors_checked']} tensors bit-exact, "
-                f"max abs error {check['max_abs_error']:.3g}, max {check['max_ulp_error']} ulp"
+                f"max abs error {check['max_abs_error']:.3g}"
                 + (f" (worst: {check['worst_tensor']})" if check["worst_tensor"] else "")
+                + f"; max {check['max_ulp_error']} ulp of the element's own value, "
+                f"{check['max_error_in_ulps_at_tensor_scale']:.3g} ulp at its tensor's largest magnitude; "
+                f"{check['elements_within_1_ulp'] / max(1, check['elements_checked']):.4%} of elements within 1 ulp"
             )
     if json_:
         emit_json(doc)
