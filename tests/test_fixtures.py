@@ -326,3 +326,21 @@ def test_rank1_adapter_loads_in_peft_on_a_plain_module():
     model = PeftModel.from_pretrained(toy, FIX / "rank1" / "adapter")
     merged = model.merge_and_unload().linear.weight.detach()
     assert (merged - base - 1).abs().max() < 1e-2
+
+
+def test_sharded_llama_is_the_same_model_and_merges_like_it(cli_run, tmp_path):
+    """llama-sharded holds fixtures/llama's tensors in three shards and says so in its config:
+    its adapters merge without a base warning, and the result equals the single-file merge."""
+    one, sharded = tmp_path / "one", tmp_path / "sharded"
+    adapter = FIX / "adapters" / "llama-plain"
+    r = cli_run("merge", FIX / "llama", adapter, "-o", one, "--device", "cpu")
+    assert r.exit_code == 0 and "warning" not in r.stderr, r.output
+    r = cli_run("merge", FIX / "llama-sharded", adapter, "-o", sharded, "--device", "cpu")
+    assert r.exit_code == 0 and "warning" not in r.stderr, r.output
+    whole = {}
+    for shard in sorted(sharded.glob("model-*.safetensors")):
+        whole.update(load_file(shard))
+    ref = load_file(one / "model.safetensors")
+    assert set(whole) == set(ref)
+    for k in ref:
+        assert torch.equal(whole[k], ref[k]), k
