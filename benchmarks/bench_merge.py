@@ -231,32 +231,11 @@ def main():
     # high-water mark across exec), so the parent must stay small: build in a subprocess.
     subprocess.run([PY, __file__, "--build", str(work), str(args.layers), "0"], check=True)
     size = (base / "model.safetensors").stat().st_size
-    loratool = [
-        PY,
-        "-m",
-        "loratool",
-        "merge",
-        str(base),
-        str(adapter),
-        "--device",
-        args.device,
-        "--json",
-        "-o",
-    ]
+    tail = ["merge", str(base), str(adapter), "--device", args.device, "--json", "-o"]
+    loratool = [PY, "-m", "loratool", *tail]
     # The engine's own time, as its summary line reports it, with torch imported beforehand:
     # as the CLI runs, the engine imports torch while it copies, so its summary includes that.
-    preloaded = [
-        PY,
-        "-c",
-        ENGINE_SCRIPT,
-        "merge",
-        str(base),
-        str(adapter),
-        "--device",
-        args.device,
-        "--json",
-        "-o",
-    ]
+    preloaded = [PY, "-c", ENGINE_SCRIPT, *tail]
     results = {
         "cp -r": [],
         "loratool merge": [],

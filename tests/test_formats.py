@@ -451,36 +451,11 @@ def test_debug_shows_traceback(cases, tmp_path):
     bad = tmp_path / "x.bin"
     bad.write_bytes(b"\x80\x04junk")
     env = {"LORATOOL_DEBUG": "1", "PATH": "/usr/bin:/bin"}
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loratool",
-            "merge",
-            str(cases["llama"].base_dir),
-            str(bad),
-            "-o",
-            str(tmp_path / "o"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    argv = [sys.executable, "-m", "loratool", "merge", str(cases["llama"].base_dir), str(bad)]
+    argv += ["-o", str(tmp_path / "o")]
+    p = subprocess.run(argv, capture_output=True, text=True, env=env)
     assert p.returncode == 1 and "Traceback" in p.stderr
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loratool",
-            "merge",
-            str(cases["llama"].base_dir),
-            str(bad),
-            "-o",
-            str(tmp_path / "o"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    p = subprocess.run(argv, capture_output=True, text=True)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip().startswith(f"error: {bad}: pickle checkpoints are never opened")
 

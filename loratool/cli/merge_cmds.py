@@ -7,6 +7,13 @@ import click
 from .options import device_option, emit_json, home_from, json_option, parse_weighted
 
 DTYPES = click.Choice(["same", "float16", "bfloat16", "float32"])
+dtype_option = click.option(
+    "--dtype",
+    type=DTYPES,
+    default="same",
+    show_default=True,
+    help="Dtype of the written floating tensors.",
+)
 
 
 def _open_inputs(ctx, specs, sign: float):
@@ -59,13 +66,7 @@ def _run(ctx, base, specs, out, sign, device, dtype, force, strict, json_):
     "-o", "--out", required=True, type=click.Path(), help="Where to write the merged model."
 )
 @device_option
-@click.option(
-    "--dtype",
-    type=DTYPES,
-    default="same",
-    show_default=True,
-    help="Dtype of the written floating tensors.",
-)
+@dtype_option
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option(
     "--strict", is_flag=True, help="Refuse an adapter made for another base (default: warn)."
@@ -105,13 +106,7 @@ def merge(ctx, base, adapters, out, device, dtype, force, strict, json_):
     help="Original base: report the round-trip error against it.",
 )
 @device_option
-@click.option(
-    "--dtype",
-    type=DTYPES,
-    default="same",
-    show_default=True,
-    help="Dtype of the written floating tensors.",
-)
+@dtype_option
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @json_option
 @click.pass_context
