@@ -384,11 +384,11 @@ class _Scratch:
         return self.buf[:n].view(rows, cols)
 
 
-def _factor_terms(tp: TensorPlan, device, work) -> list:
-    """Each module's factors as (left, right, scale) with ΔW (as stored, flattened to 2-D) =
-    scale · left @ right."""
+def _factor_terms(modules, device, work) -> list:
+    """Each (module, weight)'s factors as (left, right, scale) with weight·ΔW (as stored,
+    flattened to 2-D) = scale · left @ right."""
     terms = []
-    for mod, weight in tp.modules:
+    for mod, weight in modules:
         mod = mod.materialized()  # lazy factors are read (and checked finite) here
         A = mod.A.to(device=device, dtype=work)
         B = mod.B.to(device=device, dtype=work)
@@ -430,12 +430,30 @@ def _compute(tp: TensorPlan, raw, out, device: str, scratch: _Scratch) -> None:
         else torch.empty(w2.shape, dtype=out_dtype, device=device)
     )
     work = torch.float64 if tp.src.dtype == "F64" else torch.float32
-    terms = _factor_terms(tp, w.device, work)
-    cols = w2.shape[1]
+    terms = _factor_terms(tp.modules, w.device, work)
+    if not _add_deltas(w2, res, terms, work, scratch):
+        raise ValidationError(
+            "the merged weight contains NaN or Inf", file=tp.src.file, tensor=tp.name
+        )
+    if device != "cpu":
+        out.view(out_dtype).view(rows, -1).copy_(res, non_blocking=True)
+        torch.cuda.current_stream(device).synchronize()
+
+
+def _add_deltas(w2, res, terms, work, scratch: _Scratch) -> bool:
+    """res ← round(w2 + Σ scale·left@right), a block of rows at a time in ``work`` precision.
+
+    Both are 2-D views of one shape, on one device; ``res`` may alias ``w2`` (see _compute).
+    Returns whether every sum is finite, checked once at the end (one sync on a GPU).
+    """
+    import torch
+
+    rows, cols = w2.shape
     # Blocks that stay in cache on the CPU; on a GPU, few large ones (memory is plentiful and
     # every launch costs).
-    step = max(1, (_BLOCK_ELEMS if device == "cpu" else _GPU_BLOCK_ELEMS) // max(1, cols))
-    finite = []  # per block, on the device: checked once per tensor, so a GPU syncs once
+    block = _BLOCK_ELEMS if w2.device.type == "cpu" else _GPU_BLOCK_ELEMS
+    step = max(1, block // max(1, cols))
+    finite = []  # per block, on the device
     for i in range(0, rows, step):
         n = min(step, rows - i)
         acc = scratch.block(n, cols, work)
@@ -446,13 +464,7 @@ def _compute(tp: TensorPlan, raw, out, device: str, scratch: _Scratch) -> None:
             lo, hi = torch.aminmax(acc)  # one pass; NaN propagates into both
             finite.append(torch.isfinite(lo) & torch.isfinite(hi))
         res[i : i + n].copy_(acc)  # the one rounding
-    if finite and not bool(torch.stack(finite).all()):
-        raise ValidationError(
-            "the merged weight contains NaN or Inf", file=tp.src.file, tensor=tp.name
-        )
-    if device != "cpu":
-        out.view(out_dtype).view(rows, -1).copy_(res, non_blocking=True)
-        torch.cuda.current_stream(device).synchronize()
+    return not finite or bool(torch.stack(finite).all())
 
 
 def execute(
@@ -863,12 +875,16 @@ def merge_into(target, adapter: Adapter, weight: float = 1.0) -> list[str]:
     with torch.no_grad():
         for name, mod in resolved.modules.items():
             t = state[name]
-            data = t.data if isinstance(t, torch.nn.Parameter) else t
-            acc = data.to(torch.float64 if data.dtype == torch.float64 else torch.float32)
-            acc = acc + mod.delta(weight, device=data.device, dtype=acc.dtype)
-            if not bool(torch.isfinite(acc).all()):
+            data = (t.data if isinstance(t, torch.nn.Parameter) else t).contiguous()
+            work = torch.float64 if data.dtype == torch.float64 else torch.float32
+            rows = data.shape[0] if data.dim() else 1
+            new = torch.empty_like(data)
+            # the file engine's blockwise sum: no dense ΔW, no float32 copy of the weight
+            terms = _factor_terms([(mod, weight)], data.device, work)
+            scratch = _Scratch(data.device)
+            if not _add_deltas(data.view(rows, -1), new.view(rows, -1), terms, work, scratch):
                 raise ValidationError("the merged weight contains NaN or Inf", tensor=name)
-            updates[name] = acc.to(data.dtype)
+            updates[name] = new
         for name, new in updates.items():
             t = state[name]
             (t.data if isinstance(t, torch.nn.Parameter) else t).copy_(new)

@@ -458,3 +458,34 @@ def test_compare_bases_measures_ulps_per_element_and_at_tensor_scale(tmp_path):
     # ulp at the tensor's scale: |w| max is 3.0, whose ulp is 2⁻²²; the worst error is 2⁻²³
     assert rep["max_error_in_ulps_at_tensor_scale"] == 0.5
     assert rep["max_abs_error"] == pytest.approx(2.0**-23)
+
+
+def test_in_memory_merge_equals_the_file_engine_bit_for_bit(cases, tmp_path):
+    """merge_into sums like the file engine (same blocks, one rounding): a bf16 model with an
+    embedding adapter merged in memory equals the merged file exactly."""
+    case = cases["llama_embed"]
+    src = tmp_path / "base"
+    model = case.fresh_base(torch.bfloat16)
+    model.save_pretrained(src)
+    adapter = loratool.load_adapter(case.adapter_dir)
+    merge(src, [AdapterInput(adapter, 0.5, "a", "0")], tmp_path / "out", device="cpu")
+    on_disk = load_file(tmp_path / "out" / "model.safetensors")
+    changed = merge_into(model, adapter, 0.5)
+    assert any("embed_tokens" in k for k in changed)
+    state = model.state_dict()
+    for k in changed:
+        assert torch.equal(state[k], on_disk[k]), k
+
+
+def test_in_memory_merge_changes_nothing_when_a_result_overflows(cases):
+    case = cases["llama"]
+    model = case.fresh_base()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter = loratool.load_adapter(case.adapter_dir)
+    last = list(adapter.modules.values())[-1]
+    last.A.fill_(1e30)
+    last.B.fill_(1e30)  # finite factors, infinite product: found on the last module
+    with pytest.raises(loratool.LoratoolError, match="NaN or Inf"):
+        merge_into(model, adapter)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
