@@ -11,9 +11,11 @@ engine then streams each output file in header order:
   (computed there from the factors in float32), is checked for NaN/Inf, rounded once to the
   output dtype and written once.
 
-Reading, computing and writing run in three stages joined by small bounded queues, so disk
-and compute overlap and memory stays near a few tensors whatever the model's size. On CUDA the
-reader fills pinned buffers and the copies are non-blocking.
+A copier moves the untouched tensors while a reader, a merger and a writer handle the touched
+ones through a small pool of reused buffers (pinned on CUDA), so disk and compute overlap and
+memory stays near a few tensors whatever the model's size; a flusher starts writeback as the
+file grows. Planning needs no torch (adapters can be read from their headers, see
+``load_adapter(lazy=True)``): the copy starts at once and torch is imported while it runs.
 
 Outputs go to a temporary directory beside OUT and are renamed into place only when complete.
 """
