@@ -3,7 +3,7 @@
 A merge is planned first and executed second (STYLE.md, "frozen plans"): the plan resolves
 every adapter module to its base tensor, checks shapes, dtypes and the output path, and
 computes each output file's header from the input headers, before a byte is written. The
-engine then streams each output file in header order:
+engine then writes each output file by position (every offset is known from the header):
 
 - a tensor no adapter touches is copied byte for byte with ``copy_file_range`` (the kernel
   moves the pages; nothing is decoded), consecutive ones as one range;
