@@ -20,6 +20,20 @@ BOB = "hf_bob_token"
 ALICE_READ_ONLY = "hf_alice_read_token"
 
 
+def write_files(root: Path, files: dict[str, bytes]) -> Path:
+    """Write ``files`` (relative path → bytes) under ``root``."""
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root``, relative path → bytes."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
 @dataclass
 class Hub:
     server: HubServer

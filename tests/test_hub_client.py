@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from conftest_hub import read_tree, write_files
 from huggingface_hub import HfApi, constants
 from huggingface_hub.utils import close_session
 
@@ -22,15 +23,7 @@ PULLED = {k: v for k, v in ADAPTER.items() if k != "training/args.txt"}
 
 
 def make_folder(root: Path, files: dict[str, bytes] = ADAPTER) -> Path:
-    for rel, data in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return root
-
-
-def read_tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    return write_files(root, files)
 
 
 def push(hub, folder: Path, repo: str = "alice/adapter", **kw) -> dict:

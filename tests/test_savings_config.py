@@ -32,6 +32,17 @@ MiB = 1 << 20
 # Hu et al. 2021, Table 2 and section 4.2: trainable parameters of LoRA on W_q and W_v.
 
 
+# A one-layer Llama small enough to count by hand.
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "intermediate_size": 48,
+    "vocab_size": 100,
+}
+
+
 def roberta(hidden: int, layers: int) -> dict:
     return {
         "model_type": "roberta",
@@ -215,14 +226,7 @@ def test_gpt_neox_fused_query_key_value():
 
 
 def test_tied_embeddings():
-    base = {
-        "model_type": "llama",
-        "hidden_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 4,
-        "intermediate_size": 48,
-        "vocab_size": 100,
-    }
+    base = dict(TINY_LLAMA)
     untied = dict(base, tie_word_embeddings=False)
     tied = dict(base, tie_word_embeddings=True)
     assert base_param_count(untied) - base_param_count(tied) == 100 * 32  # lm_head counted once
@@ -235,14 +239,7 @@ def test_tied_embeddings():
 
 
 def test_embedding_lora_counts_num_embeddings_plus_dim():
-    cfg = {
-        "model_type": "llama",
-        "hidden_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 4,
-        "intermediate_size": 48,
-        "vocab_size": 100,
-    }
+    cfg = dict(TINY_LLAMA)
     emb = next(s for s in config_module_shapes(cfg) if s.kind == "embedding")
     assert (emb.in_features, emb.out_features, emb.weight_shape) == (100, 32, (100, 32))
     doc = hypothetical_adapter(cfg, 4, ["embed_tokens"])
