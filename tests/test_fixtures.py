@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "fixtures"
 SCRIPT = FIX / "make_fixtures.py"
 
-# Trained by gradient descent: byte-identical on one machine, but another BLAS may round a
-# float32 sum differently; those are compared by value instead.
+# Trained by gradient descent: byte-identical on one machine, but another CPU's kernels (AVX2
+# vs AVX-512 MKL paths) round float32 sums differently, and 300 Adam steps carry a last-bit
+# difference up to ~1e-6 on values near 1 (measured 1.3e-6); those are compared by value.
 TRAINED = {"rank1/adapter/adapter_model.safetensors"}
 
 PEFT_ADAPTERS = {
@@ -67,7 +68,7 @@ def test_committed_files_equal_a_fresh_run(fresh):
             a, b = load_file(fresh / rel), load_file(FIX / rel)
             assert a.keys() == b.keys()
             for k in a:
-                torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=f"{rel}: {k}")
+                torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=f"{rel}: {k}")
         else:
             differ.append(rel)
     assert not differ, f"differ from a fresh run of make_fixtures.py: {differ}"
