@@ -23,6 +23,7 @@ from ..adapter import Adapter, AdapterMeta, LoraModule, build_module
 from ..errors import ValidationError
 from ..tensors.header import HeaderTensor
 from ..tensors.io import dtype_tag, load_file, save_file, torch_dtype
+from . import diffusers_meta
 
 KOHYA_PREFIXES = (
     "lora_unet_",
@@ -98,6 +99,13 @@ def kohya_from_tensors(tensors: dict, metadata: dict, *, source: object) -> Adap
         which = "A" if part.startswith(("lora_down", "lora_A")) else "B"
         g[which] = t
         g[which + "_key"] = key
+    configs = diffusers_meta.read_configs(metadata, source=source)
+    if configs and style == "kohya":
+        raise ValidationError(
+            f"lora_down/lora_up keys with diffusers' {diffusers_meta.METADATA_KEY} header: "
+            "which alpha applies is ambiguous",
+            file=source,
+        )
     modules: dict[str, LoraModule] = {}
     alpha_shapes = set()
     for stem, g in groups.items():
@@ -113,9 +121,27 @@ def kohya_from_tensors(tensors: dict, metadata: dict, *, source: object) -> Adap
         kind = "conv2d" if A.dim() == 4 else "linear"
         name = stem if is_flat_stem(stem) else stem + ".weight"
         alpha = g.get("alpha", float(A.shape[0]))
+        rslora = False
         if not math_isfinite(alpha):
             raise ValidationError(f"alpha is {alpha}", file=source, tensor=g.get("alpha_key"))
-        mod = build_module(name, kind, A, B, alpha, source=source)
+        cfg, path = diffusers_meta.config_for(stem, configs)
+        if cfg is not None:
+            # diffusers ≥ 0.34 keeps alpha in the header, not in a tensor: without it the
+            # module would merge at scale 1 instead of alpha / r.
+            mc = diffusers_meta.module_config(
+                cfg, path, int(A.shape[0]), source=source, tensor=g["A_key"]
+            )
+            if "alpha" in g and g["alpha"] != mc.alpha:
+                raise ValidationError(
+                    f"the alpha tensor says {g['alpha']:g} but {diffusers_meta.METADATA_KEY} "
+                    f"says {mc.alpha:g}",
+                    file=source,
+                    tensor=g["alpha_key"],
+                )
+            alpha, rslora = mc.alpha, mc.rslora
+            if mc.fan_in_fan_out and kind == "linear":
+                kind = "linear_fifo"
+        mod = build_module(name, kind, A, B, alpha, rslora, source=source)
         modules[name] = mod
         if "alpha_shape" in g:
             alpha_shapes.add(json.dumps(g["alpha_shape"]))
@@ -149,7 +175,11 @@ def kohya_tensors(adapter: Adapter) -> tuple[dict, dict]:
     alpha_dtype = torch_dtype(adapter.origin.get("kohya_alpha_dtype") or "F32")
     alpha_shape = adapter.origin.get("kohya_alpha_shape", [])
     write_alpha = adapter.origin.get("kohya_has_alpha", True)
+    meta = dict(adapter.origin.get("kohya_metadata") or {})
+    # A diffusers file whose alphas live in its header keeps them there.
+    in_header = style == "diffusers" and diffusers_meta.METADATA_KEY in meta
     out = {}
+    stems = {}
     for m in adapter.modules.values():
         if m.kind in ("linear_fifo", "embedding"):
             # kohya's loaders know Linear and Conv2d only: store the transposed update as a
@@ -157,7 +187,7 @@ def kohya_tensors(adapter: Adapter) -> tuple[dict, dict]:
             A, B = m.B.T.contiguous(), m.A.T.contiguous()
         else:
             A, B = m.A, m.B
-        if m.rslora:
+        if m.rslora and not in_header:
             raise ValidationError(
                 "kohya's format has no rsLoRA; export as PEFT, or resize first", tensor=m.name
             )
@@ -165,13 +195,20 @@ def kohya_tensors(adapter: Adapter) -> tuple[dict, dict]:
             stem = m.name.removesuffix(".weight")
             out[stem + ".lora_A.weight"] = A
             out[stem + ".lora_B.weight"] = B
+            stems[stem] = m
+            if in_header:
+                continue
         else:
             stem = flat_stem(m.name, prefix)
             out[stem + ".lora_down.weight"] = A
             out[stem + ".lora_up.weight"] = B
         if write_alpha or m.alpha != m.rank:
             out[stem + ".alpha"] = torch.tensor(m.alpha, dtype=alpha_dtype).reshape(alpha_shape)
-    meta = dict(adapter.origin.get("kohya_metadata") or {})
+    if in_header:
+        configs = diffusers_meta.read_configs(meta, source="the adapter's origin")
+        if not diffusers_meta.fits(configs, stems):
+            prefixes = {p for p in configs if p is not None}
+            meta[diffusers_meta.METADATA_KEY] = diffusers_meta.build_metadata(stems, prefixes)
     return out, meta
 
 
