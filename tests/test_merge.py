@@ -138,7 +138,7 @@ def test_dtype_option_converts_every_float_tensor_and_rounds_once(
 def test_blockwise_merge_across_many_blocks_equals_dense(cases, tmp_path, monkeypatch):
     """Blocks of a few rows (with a remainder) give the dense result; in bf16 exactly the
     float32 sum rounded once, however the rows are split."""
-    import loratool.merge as engine
+    import loratool.merge.engine as engine
 
     case = cases["gpt2"]
     src = tmp_path / "base"
@@ -367,7 +367,7 @@ def test_merge_killed_leaves_no_output(cases, tmp_path):
     save_file(sd, big / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "out"
     code = (
-        "import sys, time, loratool.merge as m\n"
+        "import sys, time, loratool.merge.engine as m\n"
         "orig = m._copy_range\n"
         "def slow(*a):\n"
         "    print('copying', flush=True); time.sleep(0.2); orig(*a)\n"

@@ -62,7 +62,8 @@ def test_in_memory_merge_on_the_gpu(cases):
 
 
 def test_cuda_buffers_are_pinned_once(cases, tmp_path):
-    from loratool.merge import _Engine, plan_merge
+    from loratool.merge import plan_merge
+    from loratool.merge.engine import _Engine
 
     case = cases["llama"]
     plan = plan_merge(case.base_dir, [_inp(case.adapter_dir)], tmp_path / "o", device="cuda")

@@ -280,21 +280,44 @@ class AdapterRecord:
 def record_from_adapter(
     adapter: Adapter, *, name: str, task: str, sha256: str, **fields: Any
 ) -> AdapterRecord:
+    """The catalog's rows for ``adapter``: one module row per module, and one per full-tensor
+    operation (kind ``replace`` / ``rows`` / ``add``, a_shape its tensor's shape, rank 0), so
+    that ``show`` lists and ``list``/``savings`` count every stored tensor."""
     mods = []
     for m in sorted(adapter.modules.values(), key=lambda m: _natural_key(m.name)):
+        a_shape, b_shape = m.shapes()
         mods.append(
             ModuleRecord(
                 name=m.name,
-                kind=m.kind,
-                a_shape=list(m.A.shape),
-                b_shape=list(m.B.shape),
+                kind=m.label,
+                a_shape=a_shape,
+                b_shape=b_shape,
                 base_shape=list(m.base_shape),
                 rank=m.rank,
                 alpha=m.alpha,
                 scale=m.scale,
                 params=m.params,
                 dense_params=m.dense_params,
-                dtype=str(m.A.dtype).removeprefix("torch."),
+                dtype=m.dtype_name,
+            )
+        )
+    for o in sorted(adapter.ops.values(), key=lambda o: _natural_key(o.target)):
+        shapes = [list(t.shape) for t in o.tensors().values()]
+        mods.append(
+            ModuleRecord(
+                # the primary key is (adapter, name): an operation on a tensor a module also
+                # changes (token rows of an adapted embedding) gets its own row name
+                name=o.target if o.target not in adapter.modules else f"{o.target}#{o.op}",
+                kind=o.op,
+                a_shape=shapes[0],
+                b_shape=shapes[1] if len(shapes) > 1 else [],
+                base_shape=shapes[0],
+                rank=0,
+                alpha=0.0,
+                scale=float(getattr(o, "scale", 1.0)),
+                params=o.params,
+                dense_params=o.dense_params,
+                dtype=o.dtype_name,
             )
         )
     return AdapterRecord(

@@ -45,10 +45,9 @@ def candidates(name: str, keys: list[str]) -> list[str]:
 
 
 def resolve(adapter: Adapter, base: BaseIndex | dict, *, source: object | None = None) -> Adapter:
-    """Rename every module to the base tensor it changes and check its shape fits.
-
-    A linear module whose ΔW fits only transposed is taken as fan_in_fan_out (and vice versa),
-    which is what PEFT itself does for GPT-2's Conv1D; square weights keep what the adapter says.
+    """Rename every module and operation target to the base tensor it changes, and check that
+    it fits (``Module.fit`` / ``TensorOp.fit``: a linear module whose ΔW fits only transposed
+    is taken as fan_in_fan_out, which is what PEFT itself does for GPT-2's Conv1D).
     """
     # ``base`` is a BaseIndex (headers of files) or a mapping name → tensor (a state dict).
     if isinstance(base, BaseIndex):
@@ -60,7 +59,7 @@ def resolve(adapter: Adapter, base: BaseIndex | dict, *, source: object | None =
     keys = list(shapes)
     mapping: dict[str, str] = {}
     taken: dict[str, str] = {}
-    for name in adapter.modules:
+    for name in [*adapter.modules, *(t for t in adapter.ops if t not in adapter.modules)]:
         found = candidates(name, keys)
         if not found:
             close = difflib.get_close_matches(name, keys, n=3, cutoff=0.5)
@@ -84,19 +83,14 @@ def resolve(adapter: Adapter, base: BaseIndex | dict, *, source: object | None =
         taken[target] = name
         mapping[name] = target
     out = adapter.renamed(mapping)
-    for name, mod in out.modules.items():
+    for name, mod in list(out.modules.items()):
         want, is_float = shapes[name]
         if not is_float:
             raise ValidationError("base tensor is not floating point", file=where, tensor=name)
-        have = mod.base_shape
-        if have == want:
-            continue
-        if mod.kind in ("linear", "linear_fifo") and have == tuple(reversed(want)):
-            mod.kind = "linear_fifo" if mod.kind == "linear" else "linear"
-            continue
-        raise ValidationError(
-            f"ΔW is {list(have)} ({mod.kind}, r={mod.rank}) but the base tensor is {list(want)}",
-            file=source,
-            tensor=name,
-        )
+        out.modules[name] = mod.fit(want, source=source, where=where)
+    for target, op in list(out.ops.items()):
+        want, is_float = shapes[target]
+        if not is_float:
+            raise ValidationError("base tensor is not floating point", file=where, tensor=target)
+        out.ops[target] = op.fit(want, source=source)
     return out

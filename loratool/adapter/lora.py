@@ -1,4 +1,4 @@
-"""The adapter model: LoRA modules keyed by the base tensor they change, and their ΔW.
+"""LoRA (and DoRA) on one linear, Conv1D, conv2d or embedding weight.
 
 For every kind, ΔW = scale · B·A with the layout the base weight is stored in:
 
@@ -13,16 +13,21 @@ For every kind, ΔW = scale · B·A with the layout the base weight is stored in
 
 scale = alpha / r, or alpha / √r for rsLoRA, times the caller's weight. All products are taken in
 float32 (float64 inputs stay float64) and rounded once, by the caller, to the stored dtype.
+
+DoRA (peft's ``use_dora``) adds a magnitude vector m: the merged weight is
+W' = m / ‖W + ΔW‖ · (W + ΔW), the norm taken per output, i.e. per row of a linear or conv2d
+weight as stored (over in·kh·kw) and per column of a Conv1D or embedding weight as stored
+(peft's DoraLinearLayer with fan_in_fan_out, and DoraEmbeddingLayer which transposes W).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from .errors import ValidationError
-from .tensors.header import HeaderTensor
+from ..errors import ValidationError
+from .module import Module, register
 
 if TYPE_CHECKING:
     import torch
@@ -30,22 +35,82 @@ if TYPE_CHECKING:
 KINDS = ("linear", "linear_fifo", "conv2d", "embedding")
 
 
+class LowRankTerm:
+    """weight·ΔW (stored layout, flattened to 2-D) = scale · left @ right."""
+
+    __slots__ = ("left", "right", "scale")
+
+    def __init__(self, left, right, scale: float):
+        self.left, self.right, self.scale = left, right, scale
+
+    def add_block(self, acc, start: int, stop: int) -> None:
+        # addmm computes the same float32 values as forming (B·A)·scale and adding it,
+        # without materialising it (tests compare with peft bit for bit).
+        acc.addmm_(self.left[start:stop], self.right, alpha=self.scale)
+
+
+@register
 @dataclass
-class LoraModule:
+class LoraModule(Module):
     """One adapted weight. ``name`` is the base tensor it changes (``….q_proj.weight``)."""
+
+    KINDS = KINDS
+    ROLES = ("lora_A", "lora_B")
+    OPTIONAL_ROLES = ("magnitude",)
 
     name: str
     kind: str
-    A: torch.Tensor
-    B: torch.Tensor
+    A: Any
+    B: Any
     alpha: float
     rslora: bool = False
+    magnitude: Any = None  # DoRA
+    target_rows: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.alpha = float(self.alpha)
+        self.rslora = bool(self.rslora)
+        if self.target_rows is not None:
+            self.target_rows = (int(self.target_rows[0]), int(self.target_rows[1]))
         self.validate()
 
-    # -- shape facts -------------------------------------------------------------------
+    # -- serialization -------------------------------------------------------------------
+    def tensors(self) -> dict[str, Any]:
+        out = {"lora_A": self.A, "lora_B": self.B}
+        if self.magnitude is not None:
+            out["magnitude"] = self.magnitude
+        return out
+
+    def facts(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"alpha": self.alpha, "rslora": self.rslora}
+        if self.target_rows is not None:
+            out["target_rows"] = list(self.target_rows)
+        return out
+
+    @classmethod
+    def from_parts(cls, name, kind, tensors, facts, *, source=None) -> LoraModule:
+        rows = facts.get("target_rows")
+        return build_module(
+            name,
+            kind,
+            tensors["lora_A"],
+            tensors["lora_B"],
+            facts["alpha"],
+            bool(facts.get("rslora")),
+            magnitude=tensors.get("magnitude"),
+            target_rows=tuple(rows) if rows is not None else None,
+            source=source,
+        )
+
+    def with_tensors(self, tensors: dict[str, Any]) -> LoraModule:
+        return replace(
+            self,
+            A=tensors.get("lora_A", self.A),
+            B=tensors.get("lora_B", self.B),
+            magnitude=tensors.get("magnitude", self.magnitude),
+        )
+
+    # -- shape facts ---------------------------------------------------------------------
     @property
     def rank(self) -> int:
         return int(self.A.shape[0])
@@ -68,12 +133,15 @@ class LoraModule:
         return (B.shape[0], *A.shape[1:])
 
     @property
-    def params(self) -> int:
-        return self.A.numel() + self.B.numel()
+    def dora_axis(self) -> int:
+        return 1 if self.kind in ("linear_fifo", "embedding") else 0
+
+    def shapes(self) -> tuple[list[int], list[int]]:
+        return list(self.A.shape), list(self.B.shape)
 
     @property
-    def dense_params(self) -> int:
-        return math.prod(self.base_shape)
+    def dtype_name(self) -> str:
+        return str(self.A.dtype).removeprefix("torch.")
 
     def validate(self, source: object | None = None) -> None:
         A, B, name = self.A, self.B, self.name
@@ -100,36 +168,25 @@ class LoraModule:
             raise ValidationError("A and B must be floating point", file=source, tensor=name)
         if not math.isfinite(self.alpha):
             raise ValidationError(f"alpha is {self.alpha}", file=source, tensor=name)
+        super().validate(source)
 
-    @property
-    def lazy(self) -> bool:
-        """Whether A and B are HeaderTensor stand-ins, not yet read (see ``materialized``)."""
-        return isinstance(self.A, HeaderTensor) or isinstance(self.B, HeaderTensor)
+    def fit(self, shape, *, source=None, where=None) -> LoraModule:
+        """A linear module whose ΔW fits only transposed is taken as fan_in_fan_out (and vice
+        versa), which is what PEFT itself does for GPT-2's Conv1D; square weights keep what
+        the adapter says (formats decide those from the model's layer types)."""
+        have = tuple(self.base_shape)
+        want = tuple(shape)
+        if (
+            self.target_rows is None
+            and have != want
+            and self.kind in ("linear", "linear_fifo")
+            and have == tuple(reversed(want))
+            and self.magnitude is None
+        ):
+            return replace(self, kind="linear_fifo" if self.kind == "linear" else "linear")
+        return super().fit(shape, source=source, where=where)
 
-    def materialized(self, source: object | None = None) -> LoraModule:
-        """This module with A and B read into torch tensors and checked finite."""
-        if not self.lazy:
-            return self
-        from .tensors.io import materialize
-
-        mod = replace(self, A=materialize(self.A), B=materialize(self.B))
-        mod.check_finite(
-            source if source is not None else getattr(self.A, "info", None) and self.A.info.file
-        )
-        return mod
-
-    def check_finite(self, source: object | None = None) -> None:
-        """NaN/Inf in A or B is an error (lazy factors are checked when materialized)."""
-        if self.lazy:
-            return
-        import torch
-
-        for label, t in (("lora_A", self.A), ("lora_B", self.B)):
-            if not bool(torch.isfinite(t).all()):
-                bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-                raise ValidationError(f"{label} contains {bad}", file=source, tensor=self.name)
-
-    # -- math --------------------------------------------------------------------------
+    # -- math ----------------------------------------------------------------------------
     def delta(
         self, weight: float = 1.0, *, device: Any = None, dtype: torch.dtype | None = None
     ) -> torch.Tensor:
@@ -139,16 +196,34 @@ class LoraModule:
             self.kind, m.A, m.B, self.scale * weight, device=device, dtype=dtype
         )
 
-    def with_name(self, name: str) -> LoraModule:
-        return replace(self, name=name)
+    def prepare(self, weight: float, device: Any, work) -> LowRankTerm:
+        mod = self.materialized()  # lazy factors are read (and checked finite) here
+        A = mod.A.to(device=device, dtype=work)
+        B = mod.B.to(device=device, dtype=work)
+        if mod.kind == "linear":
+            left, right = B, A
+        elif mod.kind in ("linear_fifo", "embedding"):
+            left, right = A.T, B.T  # ΔW = (B·A)ᵀ = Aᵀ·Bᵀ
+        else:  # conv2d: ΔW[o, i·kh·kw] = B[o, r]·A[r, i·kh·kw]
+            left, right = B.flatten(1), A.flatten(1)
+        return LowRankTerm(left, right, mod.scale * weight)
 
 
 def build_module(
-    name: str, kind: str, A, B, alpha: float, rslora: bool = False, *, source: object | None = None
+    name: str,
+    kind: str,
+    A,
+    B,
+    alpha: float,
+    rslora: bool = False,
+    *,
+    magnitude=None,
+    target_rows: tuple[int, int] | None = None,
+    source: object | None = None,
 ) -> LoraModule:
     """A validated, finite module; errors name ``source`` (the file it came from)."""
     try:
-        mod = LoraModule(name, kind, A, B, alpha, rslora)
+        mod = LoraModule(name, kind, A, B, alpha, rslora, magnitude, target_rows)
     except ValidationError as exc:
         if exc.file is None and source is not None:
             raise ValidationError(
@@ -187,85 +262,3 @@ def delta_from_factors(
         raise ValidationError(f"unknown module kind {kind!r}")
     # Scale after the product, as PEFT does, so results agree to the last bit where possible.
     return d * scale
-
-
-@dataclass
-class AdapterMeta:
-    """What the catalog records about an adapter besides its tensors."""
-
-    name: str | None = None
-    task: str | None = None
-    base_model: str | None = None
-    tags: list[str] = field(default_factory=list)
-    description: str | None = None
-    source: str | None = None
-    format: str | None = None  # peft | kohya | loratool
-    extra: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Adapter:
-    """A set of modules plus metadata.
-
-    ``origin`` keeps format-specific facts needed to write the adapter back the way it came
-    (PEFT's adapter_config.json, kohya's key style, prefix and safetensors metadata).
-    """
-
-    modules: dict[str, LoraModule]
-    meta: AdapterMeta = field(default_factory=AdapterMeta)
-    origin: dict[str, Any] = field(default_factory=dict)
-    # Tensors a format stores beside the factors that are not LoRA (peft's saved embedding
-    # layers); carried so the format round-trips, never merged.
-    extra_tensors: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for key, mod in self.modules.items():
-            if key != mod.name:
-                raise ValidationError(f"module keyed {key!r} is named {mod.name!r}")
-
-    @property
-    def params(self) -> int:
-        return sum(m.params for m in self.modules.values())
-
-    @property
-    def dense_params(self) -> int:
-        return sum(m.dense_params for m in self.modules.values())
-
-    @property
-    def nbytes(self) -> int:
-        return sum(
-            m.A.numel() * m.A.element_size() + m.B.numel() * m.B.element_size()
-            for m in self.modules.values()
-        )
-
-    @property
-    def ranks(self) -> list[int]:
-        return [m.rank for m in self.modules.values()]
-
-    @property
-    def max_rank(self) -> int:
-        return max(self.ranks, default=0)
-
-    @property
-    def max_alpha(self) -> float:
-        return max((m.alpha for m in self.modules.values()), default=0.0)
-
-    @property
-    def rslora(self) -> bool:
-        return any(m.rslora for m in self.modules.values())
-
-    @property
-    def dtype_name(self) -> str:
-        names = sorted({str(m.A.dtype).removeprefix("torch.") for m in self.modules.values()})
-        return ",".join(names) or "none"
-
-    def check_finite(self, source: object | None = None) -> None:
-        for m in self.modules.values():
-            m.check_finite(source)
-
-    def deltas(self, weight: float = 1.0, *, device: Any = None) -> dict[str, torch.Tensor]:
-        return {name: m.delta(weight, device=device) for name, m in self.modules.items()}
-
-    def renamed(self, mapping: dict[str, str]) -> Adapter:
-        mods = {mapping.get(n, n): m.with_name(mapping.get(n, n)) for n, m in self.modules.items()}
-        return Adapter(mods, replace(self.meta), dict(self.origin), dict(self.extra_tensors))

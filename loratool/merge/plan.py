@@ -1,0 +1,393 @@
+"""Planning a merge: every adapter resolved against the base, every output tensor's steps,
+shapes, dtypes and offsets fixed, the output path and free space checked — before a byte is
+written (STYLE.md, "frozen plans"). The engine (``engine.py``) only executes plans.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import __version__
+from ..adapter import Adapter, AddToTensor, Module, ReplaceRows, ReplaceTensor, TensorOp
+from ..errors import ValidationError
+from ..formats.resolve import resolve
+from ..fsutil import check_output
+from ..tensors.header import DTYPE_SIZES, FLOAT_DTYPES, BaseIndex, TensorInfo, read_base
+from ..tensors.io import header_bytes
+from .ops import AddStep, DeltaStep, DoraStep, ReplaceStep, RowsStep, Step
+
+DTYPE_CHOICES = {"same": None, "float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+PROVENANCE_KEY = "loratool.merges"
+
+
+@dataclass(frozen=True)
+class AdapterInput:
+    adapter: Adapter
+    weight: float
+    label: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: where its input lies, how it is made, where it goes.
+
+    ``src`` is the base tensor read as input (None when the steps alone make it); ``steps``
+    are applied in order to a float32 copy of it, rounded once to ``out_dtype``. No steps and
+    the same dtype and shape: the tensor is copied byte for byte.
+    """
+
+    name: str
+    src: TensorInfo | None
+    out_dtype: str
+    out_start: int  # offset within the output file's data section
+    steps: tuple[Step, ...] = ()
+    out_shape: tuple[int, ...] | None = None  # None: the input's shape
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.out_shape if self.out_shape is not None else self.src.shape
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.numel * DTYPE_SIZES[self.out_dtype]
+
+    @property
+    def reads_input(self) -> bool:
+        return self.src is not None and (not self.steps or self.steps[0].reads_input)
+
+    @property
+    def in_nbytes(self) -> int:
+        return self.src.nbytes if self.reads_input else 0
+
+    @property
+    def raw_copy(self) -> bool:
+        return (
+            not self.steps
+            and self.src is not None
+            and self.out_dtype == self.src.dtype
+            and self.shape == self.src.shape
+        )
+
+    @property
+    def op(self) -> str:
+        ops: list[str] = []
+        for s in self.steps:
+            if s.op not in ops:
+                ops.append(s.op)
+        return "+".join(ops) if ops else "cast"
+
+    def audit(self) -> dict:
+        d = {"name": self.name, "op": self.op}
+        if self.steps:
+            d["steps"] = [s.describe() for s in self.steps]
+        if self.src is not None and self.out_dtype != self.src.dtype:
+            d["dtype"] = [self.src.dtype, self.out_dtype]
+        if self.src is not None and self.shape != self.src.shape:
+            d["shape"] = [list(self.src.shape), list(self.shape)]
+        return d
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    name: str  # file name inside the output (or the output file itself for a single file)
+    header: bytes  # the complete 8-byte length + JSON header
+    tensors: tuple[TensorPlan, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(t.out_nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    base: BaseIndex
+    out: Path
+    single_file: bool
+    files: tuple[FilePlan, ...]
+    inputs: tuple[AdapterInput, ...]
+    device: str
+    extra_files: tuple[Path, ...]
+    index: dict | None
+    warnings: tuple[str, ...] = ()
+    # keys of config.json to set in the output (vocab_size, tie_word_embeddings…)
+    config_updates: dict = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def tensor_plans(self) -> list[TensorPlan]:
+        return [t for f in self.files for t in f.tensors]
+
+    @property
+    def touched(self) -> int:
+        return sum(1 for t in self.tensor_plans if t.steps)
+
+    def audit(self) -> list[dict]:
+        """One entry per tensor that is not a raw copy: its name and the operation(s)."""
+        return [t.audit() for t in self.tensor_plans if not t.raw_copy]
+
+
+# -- the base's identity and history -------------------------------------------------------
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device in ("auto", None):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValidationError(
+                f"--device {device}: no CUDA device is available here", hint="use --device cpu"
+            )
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        if idx >= torch.cuda.device_count():
+            raise ValidationError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)"
+            )
+        return f"cuda:{idx}"
+    if device != "cpu":
+        raise ValidationError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def base_name(base: BaseIndex) -> str:
+    root = base.root
+    if root.is_file():
+        return root.parent.name if root.name in ("model.safetensors",) else root.stem
+    return root.name
+
+
+def base_identity(base: BaseIndex) -> set[str]:
+    """Names the base is known by: its directory, config's _name_or_path, merge provenance."""
+    names = {base_name(base)}
+    cfg = (base.root if base.root.is_dir() else base.root.parent) / "config.json"
+    try:
+        data = json.loads(cfg.read_text())
+        if isinstance(data.get("_name_or_path"), str):
+            names.add(data["_name_or_path"])
+    except (OSError, ValueError):
+        pass
+    for meta in base.file_metadata.values():
+        if "loratool.base_model" in meta:
+            names.add(meta["loratool.base_model"])
+    return {n.rstrip("/").rsplit("/", 1)[-1].lower() for n in names if n}
+
+
+def merge_history(base: BaseIndex) -> list[dict]:
+    for meta in base.file_metadata.values():
+        if PROVENANCE_KEY in meta:
+            try:
+                hist = json.loads(meta[PROVENANCE_KEY])
+                return hist if isinstance(hist, list) else []
+            except ValueError:
+                return []
+    return []
+
+
+# -- steps ---------------------------------------------------------------------------------
+
+
+def module_step(mod: Module, inp: AdapterInput) -> Step:
+    """The step that merges one module at the input's weight."""
+    if mod.magnitude is not None:
+        if inp.weight == 1.0:
+            return DoraStep(mod, inp.label)
+        if inp.weight == -1.0:
+            raise ValidationError(
+                "unmerging a DoRA module needs the norms recorded when it was merged",
+                file=inp.label,
+                tensor=mod.name,
+            )
+        raise ValidationError(
+            f"a DoRA module merges at weight 1 only (DoRA re-normalises the weight), not {inp.weight}",
+            file=inp.label,
+            tensor=mod.name,
+        )
+    return DeltaStep(mod, inp.weight, inp.label)
+
+
+def op_step(op: TensorOp, inp: AdapterInput) -> Step:
+    """The step that applies one full-tensor operation at the input's weight."""
+    if isinstance(op, AddToTensor):
+        return AddStep(op, inp.weight, inp.label)
+    if inp.weight != 1.0:
+        what = "unmerging" if inp.weight == -1.0 else f"weight {inp.weight} for"
+        raise ValidationError(
+            f"{what} a tensor the adapter replaces ({op.why}) needs the original tensor",
+            file=inp.label,
+            tensor=op.target,
+        )
+    if isinstance(op, ReplaceTensor):
+        return ReplaceStep(op, inp.label)
+    if isinstance(op, ReplaceRows):
+        return RowsStep(op, inp.label)
+    raise ValidationError(
+        f"no merge step for operation {op.op!r}", file=inp.label, tensor=op.target
+    )
+
+
+_ADDITIVE = ("delta", "slice", "add")
+
+
+def check_steps(name: str, steps: list[Step]) -> None:
+    """Steps on one tensor from different adapters must commute: only additive ones may meet.
+
+    A replace, a DoRA re-normalisation or replaced rows would silently undo or distort what
+    another adapter adds, depending on the order of the command line.
+    """
+    labels = {s.label for s in steps}
+    if len(labels) < 2:
+        return
+    for s in steps:
+        if s.op not in _ADDITIVE:
+            others = sorted(labels - {s.label})
+            raise ValidationError(
+                f"{s.label} changes this tensor with {s.op!r}, which does not combine with "
+                f"{', '.join(others)} on the same tensor; merge them in separate runs",
+                tensor=name,
+            )
+
+
+# -- planning ------------------------------------------------------------------------------
+
+
+def plan_merge(
+    base_path: str | os.PathLike,
+    inputs: list[AdapterInput],
+    out: str | os.PathLike,
+    *,
+    dtype: str = "same",
+    device: str = "auto",
+    force: bool = False,
+    strict: bool = False,
+) -> MergePlan:
+    """Validate everything a merge needs and freeze it into a plan; writes nothing."""
+    base = read_base(base_path)
+    out = Path(out)
+    check_output(out, force)
+    if out.resolve() == base.root.resolve() or any(
+        out.resolve() == f.resolve() for f in base.files
+    ):
+        raise ValidationError("the output may not overwrite the base it reads", file=out)
+    if dtype not in DTYPE_CHOICES:
+        raise ValidationError(
+            f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}"
+        )
+    forced = DTYPE_CHOICES[dtype]
+    if not inputs:
+        raise ValidationError("no adapter to merge")
+    # "auto" is settled when the engine imports torch, which it does while the copy runs;
+    # an explicit CUDA device is checked now.
+    dev = device if device in ("auto", None, "cpu") else pick_device(device)
+    dev = dev or "auto"
+    warnings: list[str] = []
+    ident = base_identity(base)
+    history = merge_history(base)
+    by_tensor: dict[str, list[Step]] = {}
+    for inp in inputs:
+        adapter = resolve(inp.adapter, base, source=inp.label)
+        declared = adapter.meta.base_model
+        if declared:
+            short = declared.rstrip("/").rsplit("/", 1)[-1].lower()
+            if short not in ident:
+                msg = f"{inp.label} was made for {declared!r}, but the base is {base_name(base)!r}"
+                if strict:
+                    raise ValidationError(msg, hint="drop --strict to merge anyway")
+                warnings.append(msg)
+        if inp.weight < 0 and history is not None:
+            net = sum(h.get("weight", 0) for h in history if h.get("sha256") == inp.sha256)
+            if net <= 0:
+                warnings.append(
+                    f"{inp.label} is not recorded as merged into {base_name(base)}; subtracting it anyway"
+                )
+        for name, mod in adapter.modules.items():
+            by_tensor.setdefault(name, []).append(module_step(mod, inp))
+        for target, op in adapter.ops.items():
+            by_tensor.setdefault(target, []).append(op_step(op, inp))
+    for name, steps in by_tensor.items():
+        check_steps(name, steps)
+    new_history = history + [
+        {"adapter": i.label, "sha256": i.sha256, "weight": i.weight} for i in inputs
+    ]
+    files: list[FilePlan] = []
+    for f in base.files:
+        src_meta = dict(base.file_metadata.get(f, {}))
+        src_meta.setdefault("format", "pt")
+        src_meta[PROVENANCE_KEY] = json.dumps(new_history, separators=(",", ":"))
+        src_meta["loratool.version"] = __version__
+        src_meta.setdefault("loratool.base_model", base_name(base))
+        infos = sorted((t for t in base.tensors.values() if t.file == f), key=lambda t: t.start)
+        entries, plans, pos = [], [], 0
+        for info in infos:
+            steps = tuple(by_tensor.get(info.name, ()))
+            shape = info.shape
+            for s in steps:
+                shape = s.out_shape(shape)
+            out_dtype = forced if (forced and info.dtype in FLOAT_DTYPES) else info.dtype
+            size = DTYPE_SIZES[out_dtype]
+            for s in shape:
+                size *= s
+            entries.append((info.name, out_dtype, shape, pos, pos + size))
+            plans.append(
+                TensorPlan(
+                    info.name, info, out_dtype, pos, steps, shape if shape != info.shape else None
+                )
+            )
+            pos += size
+        name = out.name if base.index_path is None and base.root.is_file() else f.name
+        files.append(FilePlan(name, header_bytes(entries, src_meta), tuple(plans)))
+    index = None
+    if base.index_path is not None:
+        index = {
+            "metadata": {
+                **base.index_metadata,
+                "total_size": sum(f.size - len(f.header) for f in files),
+            },
+            "weight_map": {t.name: f.name for f in files for t in f.tensors},
+        }
+    extra: list[Path] = []
+    single = base.root.is_file()
+    if not single:
+        skip = {f.resolve() for f in base.files}
+        if base.index_path is not None:
+            skip.add(base.index_path.resolve())
+        for p in sorted(base.root.iterdir()):
+            if p.is_file() and p.resolve() not in skip and not p.name.startswith("."):
+                extra.append(p)
+    plan = MergePlan(
+        base, out, single, tuple(files), tuple(inputs), dev, tuple(extra), index, tuple(warnings)
+    )
+    _check_space(plan)
+    return plan
+
+
+def _check_space(plan: MergePlan) -> None:
+    """Refuse up front a merge that cannot fit on OUT's filesystem, rather than fail near the end."""
+    need = plan.total_bytes + sum(p.stat().st_size for p in plan.extra_files)
+    parent = plan.out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    st = os.statvfs(parent)
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        from ..units import human_size
+
+        raise ValidationError(
+            f"needs {human_size(need)} but only {human_size(free)} is free there",
+            file=plan.out,
+            hint="free some space or write OUT elsewhere",
+        )
