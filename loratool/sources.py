@@ -15,13 +15,27 @@ from .errors import NotFoundError
 class OpenedAdapter:
     adapter: Adapter
     label: str  # the catalog name or the path as given
-    sha256: str  # of the canonical form, so a path and its catalog copy agree
+    known_sha256: str | None = None
+
+    @property
+    def sha256(self) -> str:
+        """Of the canonical form, so a path and its catalog copy agree; computed when first
+        asked (a lazily opened adapter is read for it), so commands that never ask read only
+        what they use."""
+        if self.known_sha256 is None:
+            self.known_sha256 = canonical_sha256(self.adapter)
+        return self.known_sha256
 
 
 def canonical_sha256(adapter: Adapter) -> str:
-    from .formats.canonical import canonical_bytes
+    """sha256 of the canonical bytes, hashed tensor by tensor (never all of them at once)."""
+    from .formats.canonical import canonical_parts
+    from .tensors.io import serialize_chunks
 
-    return hashlib.sha256(canonical_bytes(adapter)).hexdigest()
+    h = hashlib.sha256()
+    for chunk in serialize_chunks(*canonical_parts(adapter)):
+        h.update(chunk)
+    return h.hexdigest()
 
 
 def open_adapter(
@@ -34,7 +48,7 @@ def open_adapter(
         from .formats import load_adapter
 
         adapter = load_adapter(p, lazy=lazy)
-        return OpenedAdapter(adapter, spec, canonical_sha256(adapter))
+        return OpenedAdapter(adapter, spec)
     from .catalog import Catalog
 
     catalog = Catalog(home)

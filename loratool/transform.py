@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import os
-import re
 import statistics
-from collections.abc import Callable
+from collections import Counter
 from dataclasses import replace
-from pathlib import Path
 
 from .adapter import Adapter, AdapterMeta, LoraModule
 from .errors import ValidationError
+from .rank import RankRule
 
 
 def factors_2d(mod: LoraModule):
@@ -52,19 +50,24 @@ def layer_kind(name: str) -> str:
 
 
 def inspect(adapter: Adapter, *, threshold: float = 0.99, module_glob: str | None = None) -> dict:
+    """inspect-rank's report. Module at a time: a lazily loaded adapter (``lazy=True``) has
+    each module's factors read, measured and dropped before the next, so private memory holds
+    one module, whatever the adapter's size."""
     from .rank import rank_report
 
     if not 0 < threshold <= 1:
         raise ValidationError(f"--threshold must be in (0, 1], got {threshold}")
     modules = []
-    for name, mod in adapter.modules.items():
+    for name, lazy_mod in adapter.modules.items():
         if module_glob and not fnmatch.fnmatchcase(name, module_glob):
             continue
+        mod = lazy_mod.materialized()
         B, A = factors_2d(mod)
         rep = rank_report(B, A, mod.scale, threshold=threshold)
-        rep = {"name": name, "kind": mod.kind, **rep}
-        rep["shape"] = list(mod.base_shape)
-        rep["rank"] = mod.rank
+        del mod, B, A
+        rep = {"name": name, "kind": lazy_mod.kind, **rep}
+        rep["shape"] = list(lazy_mod.base_shape)
+        rep["rank"] = lazy_mod.rank
         modules.append(rep)
     if not modules:
         raise ValidationError(
@@ -95,154 +98,139 @@ def inspect(adapter: Adapter, *, threshold: float = 0.99, module_glob: str | Non
 # -- resize --------------------------------------------------------------------------------
 
 
-def resize(
-    adapter: Adapter, *, rank: int | None = None, energy: float | None = None, progress=None
-) -> tuple[Adapter, dict[str, float]]:
-    """Truncate every module by SVD to ``rank`` or to the fewest σ holding ``energy``.
+def common_rank_for(adapters: list[Adapter], rule: RankRule, progress=None) -> int:
+    """The one rank a set of adapters is brought to: the rule's largest pick over every
+    module of every adapter (a fixed --rank is itself), from the factors' spectra."""
+    from .rank import factored_svdvals
 
-    The factors become B' = U√S, A' = √S·Vᵀ (divided by √scale) and alpha is rescaled so that
-    each module's scale, and so its ΔW up to the truncation, is kept.
-    """
-    from .rank import truncate
-
-    _one_of(rank, energy)
+    if rule.method == "rank":
+        return int(rule.cap)
     progress = progress or (lambda n=1, label=None: None)
-    mods, kept = {}, {}
-    for name, mod in adapter.modules.items():
+    best = 1
+    for adapter in adapters:
+        for name, lazy_mod in adapter.modules.items():
+            mod = lazy_mod.materialized()
+            B, A = factors_2d(mod)
+            S = factored_svdvals(B, A, mod.scale)
+            best = max(best, rule.pick(S))
+            progress(1, name)
+    return best
+
+
+def _common_scale(adapter: Adapter) -> tuple[float, bool]:
+    """The scale (and rsLoRA flag) most modules share: a --common-rank output uses it for all."""
+    scales = Counter(m.scale for m in adapter.modules.values() if m.scale != 0)
+    s0 = scales.most_common(1)[0][0] if scales else 1.0
+    flags = {m.rslora for m in adapter.modules.values()}
+    return s0, flags == {True}
+
+
+def _pad(B, A, R: int):
+    """B d×r, A r×k padded with zero rank-columns/rows to rank R: B·A unchanged, exactly."""
+    import torch
+
+    r = A.shape[0]
+    if r == R:
+        return B, A
+    return (
+        torch.cat([B, B.new_zeros(B.shape[0], R - r)], 1),
+        torch.cat([A, A.new_zeros(R - r, A.shape[1])], 0),
+    )
+
+
+def resize(
+    adapter: Adapter,
+    rule: RankRule,
+    *,
+    common_rank: int | None = None,
+    progress=None,
+) -> tuple[Adapter, dict[str, dict]]:
+    """Truncate every module to the rank ``rule`` picks, from its factors: QR of B and Aᵀ and
+    the SVD of the r×r core (``rank.factored_svd``), never the d×k ΔW.
+
+    Without ``common_rank`` each module keeps its scale: the factors become U√S/√s and
+    √S·Vᵀ/√s with alpha rescaled so that scale s is unchanged (a non-positive scale becomes
+    1). Modules whose rank the rule does not lower keep their rank.
+
+    With ``common_rank`` R, every module of the adapter gets rank exactly R and one scale,
+    so that the config has one r and one lora_alpha and no rank or alpha patterns (servers
+    that pad every adapter to their largest rank, vLLM's max_lora_rank, read only those):
+    a module above R is truncated by SVD to R (lossy: its energy kept is reported); a module
+    at or below R keeps its factors and is padded with zero rank-columns (exact); a module
+    whose scale differs from the one most modules share has the ratio folded into B.
+
+    Returns the new adapter and, per module: rank_before, rank_after, energy_kept (share of
+    Σσ² kept, 1.0 when lossless), padded (zero rank-columns added).
+    """
+    from .rank import factored_svd
+
+    if common_rank is not None and common_rank < 1:
+        raise ValidationError(f"common rank must be ≥ 1, got {common_rank}")
+    progress = progress or (lambda n=1, label=None: None)
+    common = common_rank is not None
+    s0, rslora0 = _common_scale(adapter) if common else (1.0, False)
+    mods, report = {}, {}
+    for name, lazy_mod in adapter.modules.items():
+        mod = lazy_mod.materialized()
         B, A = factors_2d(mod)
-        r = min(rank, mod.rank) if rank is not None else None
-        B2, A2, k_energy = truncate(B, A, mod.scale, rank=r, energy=energy)
-        s = mod.scale if mod.scale > 0 else 1.0
-        root = math.sqrt(s)
-        new = module_from_2d(mod, B2 / root, A2 / root, s)
-        new = replace(new, A=new.A.to(mod.A.dtype), B=new.B.to(mod.B.dtype))
+        # The scale the new factors are written for: the module's own (1 if it is 0), or s0.
+        s = s0 if common else (mod.scale or 1.0)
+        kept = 1.0
+        if common and mod.rank <= common_rank:
+            # Exact: the factors as they are, the scale ratio folded into B when it differs.
+            B2 = B * (mod.scale / s0) if mod.scale != s0 else B
+            A2 = A
+        else:
+            U, S, Vh = factored_svd(B, A, mod.scale)
+            keep = min(common_rank if common else rule.pick(S), S.numel())
+            squares = S.double().square()
+            total = float(squares.sum())
+            kept = 1.0 if total == 0.0 else float(squares[:keep].sum()) / total
+            # B2·A2·s = U_k·S_k·Vh_k: √S on both sides (balanced norms), s divided out.
+            root = S[:keep].sqrt() / math.sqrt(abs(s))
+            B2 = U[:, :keep] * (root if s > 0 else -root)
+            A2 = root[:, None] * Vh[:keep]
+        padded = 0
+        if common:
+            padded = common_rank - B2.shape[1]
+            B2, A2 = _pad(B2, A2, common_rank)
+            new = module_from_2d(mod, B2, A2, s, rslora=rslora0)
+        elif B2.shape[1] == mod.rank:
+            # The rule keeps every value: the module as it was, bit for bit (still lazy when
+            # it came lazily, so an unchanged module is written from its file, not memory).
+            new = lazy_mod
+        else:
+            new = module_from_2d(mod, B2, A2, s)
+        if new is not lazy_mod:
+            new = replace(new, A=new.A.to(mod.A.dtype), B=new.B.to(mod.B.dtype))
         mods[name] = new
-        kept[name] = float(k_energy)
+        report[name] = {
+            "rank_before": mod.rank,
+            "rank_after": new.rank,
+            "energy_kept": kept,
+            "padded": padded,
+        }
         progress(1, name)
     meta = replace(
         adapter.meta, name=None, source=f"resize of {adapter.meta.name or adapter.meta.source}"
     )
-    origin = {k: v for k, v in adapter.origin.items() if k != "peft_config"}
-    if "peft_config" in adapter.origin:
-        origin["peft_config_base"] = {
-            k: adapter.origin["peft_config"].get(k)
-            for k in ("task_type", "base_model_name_or_path", "revision")
-        }
-    return Adapter(mods, meta, origin), kept
-
-
-def _one_of(rank, energy) -> None:
-    if (rank is None) == (energy is None):
-        raise ValidationError("give exactly one of --rank and --energy")
-    if rank is not None and rank < 1:
-        raise ValidationError(f"--rank must be at least 1, got {rank}")
-    if energy is not None and not 0 < energy <= 1:
-        raise ValidationError(f"--energy must be in (0, 1], got {energy}")
+    # The source's PEFT config stays as the template: build_config keeps it when it still
+    # describes the modules and otherwise carries its task_type, base model and revision.
+    return Adapter(mods, meta, dict(adapter.origin), dict(adapter.extra_tensors)), report
 
 
 # -- extract -------------------------------------------------------------------------------
 
-_CONV1D_NAMES = re.compile(r"\.(c_attn|c_proj|c_fc|q_attn)\.weight$")
-_EMBED_NAMES = re.compile(
-    r"(embed_tokens|word_embeddings|wte|wpe|embed_positions|shared|embeddings?)\.weight$"
-)
 
+def extract(base_path, finetuned_path, rule: RankRule, *, progress=None, **options):
+    """A LoRA from ΔW = W_finetuned − W_base; see ``loratool.extract`` (plan, then run).
 
-def _model_type(root: Path) -> str | None:
-    import json
-
-    cfg = (root if root.is_dir() else root.parent) / "config.json"
-    try:
-        return json.loads(cfg.read_text()).get("model_type")
-    except (OSError, ValueError):
-        return None
-
-
-def extract(
-    base_path: str | os.PathLike,
-    finetuned_path: str | os.PathLike,
-    *,
-    rank: int | None = None,
-    energy: float | None = None,
-    device: str = "auto",
-    progress: Callable | None = None,
-) -> tuple[Adapter, dict[str, float]]:
-    """A LoRA from ΔW = W_finetuned − W_base, one tensor pair at a time.
-
-    Every 2-D or 4-D floating tensor pair that differs becomes a module; 1-D tensors (norms,
-    biases) cannot be expressed as LoRA and are reported by the caller if they differ. Returns
-    the adapter (scale 1: alpha = r) and the relative Frobenius error of each module.
+    ``options`` are ``plan_extract``'s (exact, oversample, niter, seed, device, dtype, embed,
+    base_model, task_type). Returns an ``ExtractResult``.
     """
-    import torch
+    from .extract import plan_extract, run_extract
 
-    from .merge import pick_device
-    from .rank import lowrank_from_dense
-    from .tensors.header import FLOAT_DTYPES, read_base
-    from .tensors.io import read_tensor
-
-    _one_of(rank, energy)
-    dev = pick_device(device)
-    base = read_base(base_path)
-    ft = read_base(finetuned_path)
-    missing = sorted(set(base.tensors) ^ set(ft.tensors))
-    if missing:
-        raise ValidationError(
-            "the two models hold different tensors", file=finetuned_path, tensor=missing[0]
-        )
-    gpt2 = _model_type(ft.root) == "gpt2" or _model_type(base.root) == "gpt2"
-    progress = progress or (lambda n=1, label=None: None)
-    modules: dict[str, LoraModule] = {}
-    errors: dict[str, float] = {}
-    skipped: list[str] = []
-    for name, binfo in base.tensors.items():
-        finfo = ft.tensors[name]
-        if finfo.shape != binfo.shape:
-            raise ValidationError(
-                f"shape {list(finfo.shape)} in the fine-tuned model, {list(binfo.shape)} in the base",
-                file=finetuned_path,
-                tensor=name,
-            )
-        if binfo.dtype not in FLOAT_DTYPES or len(binfo.shape) not in (1, 2, 4):
-            progress(1, name)
-            continue
-        wb = read_tensor(binfo).to(dev)
-        wf = read_tensor(finfo).to(dev)
-        delta = wf.to(torch.float32) - wb.to(torch.float32)
-        del wb, wf
-        if not bool(delta.any()):
-            progress(1, name)
-            continue
-        if delta.dim() == 1:
-            skipped.append(name)
-            progress(1, name)
-            continue
-        if delta.dim() == 4:
-            kind, mat = "conv2d", delta.flatten(1)
-        elif _EMBED_NAMES.search(name):
-            kind, mat = "embedding", delta.T  # PEFT keeps B·A = ΔWᵀ for embeddings
-        elif gpt2 and _CONV1D_NAMES.search(name):
-            kind, mat = "linear_fifo", delta.T  # Conv1D stores in×out
-        else:
-            kind, mat = "linear", delta
-        B, A, err = lowrank_from_dense(mat, rank=rank, energy=energy)
-        B, A = B.to("cpu", torch.float32), A.to("cpu", torch.float32)
-        k = A.shape[0]
-        if kind == "conv2d":
-            A = A.reshape(k, *delta.shape[1:])
-            B = B.reshape(delta.shape[0], k, 1, 1)
-        modules[name] = LoraModule(name, kind, A.contiguous(), B.contiguous(), float(k))
-        errors[name] = float(err)
-        progress(1, name)
-    if not modules:
-        raise ValidationError(
-            "the two models are identical in every 2-D tensor: nothing to extract",
-            file=finetuned_path,
-        )
-    meta = AdapterMeta(
-        base_model=str(base_path), source=f"extract {finetuned_path}", format="loratool"
-    )
-    adapter = Adapter(modules, meta, {"format": "loratool", "extract_skipped_1d": skipped})
-    return adapter, errors
+    return run_extract(plan_extract(base_path, finetuned_path, rule, **options), progress)
 
 
 # -- combine -------------------------------------------------------------------------------

@@ -282,3 +282,108 @@ def test_lowrank_from_dense_zero_and_errors():
         R.lowrank_from_dense(torch.randn(3, 4, 5), rank=2)
     with pytest.raises(ValidationError):
         R.lowrank_from_dense(torch.randn(3, 4), rank=2, energy=0.5)
+
+
+# -- factor_dense: randomized SVD against the exact one -------------------------------------------
+
+
+def spectrum_matrix(d, k, spectrum, seed=0):
+    """U·diag(σ)·Vᵀ with orthonormal U, V (float64 QR) and the σ given: a known spectrum."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(spectrum)
+    U = torch.linalg.qr(torch.randn(d, n, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(k, n, generator=g, dtype=torch.float64)).Q
+    return ((U * torch.tensor(spectrum, dtype=torch.float64)) @ V.T).float()
+
+
+def optimum(M, k):
+    """Eckart–Young: the least relative Frobenius error of any rank-k approximation."""
+    S = torch.linalg.svdvals(M.double())
+    return float(S[k:].square().sum().sqrt() / S.square().sum().sqrt())
+
+
+def measured(M, f):
+    return float((M.double() - f.B.double() @ f.A.double()).norm() / M.double().norm())
+
+
+SPECTRA = {
+    "flat": [1.0] * 120,
+    "decaying": [1 / (i + 1) ** 0.5 for i in range(120)],  # slow: the hard case
+    "exponential": [math.exp(-i / 12) for i in range(120)],
+}
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+@pytest.mark.parametrize("k", [8, 24])
+def test_randomized_within_one_percent_of_the_exact_svd(name, k):
+    M = spectrum_matrix(300, 420, SPECTRA[name], seed=k)
+    f = R.factor_dense(M, R.RankRule("rank", k))
+    assert f.method == "randomized" and f.rank == k and f.q == k + 10
+    best = optimum(M, k)
+    assert best * (1 - 1e-6) <= f.error <= best * 1.01
+    assert f.error == pytest.approx(measured(M, f), rel=1e-4)  # measured, not estimated
+    exact = R.factor_dense(M, R.RankRule("rank", k), exact=True)
+    assert exact.method == "exact" and exact.error == pytest.approx(best, rel=1e-4)
+
+
+def test_randomized_recovers_an_exactly_low_rank_matrix_exactly():
+    M = spectrum_matrix(300, 420, [3.0, 2.0, 1.5, 1.0, 0.5, 0.25, 0.1])
+    for rule in (
+        R.RankRule("rank", 7),
+        R.RankRule("energy", 0.999999),
+        R.RankRule("sv_fro", 0.9999999),
+        R.RankRule("sv_ratio", 1000),
+        R.RankRule("sv_epsilon", 1e-3),
+    ):
+        f = R.factor_dense(M, rule)
+        assert f.method == "randomized", rule
+        assert f.rank == 7, rule  # the exact rank, recovered exactly
+        assert f.error < 1e-6 and measured(M, f) < 1e-6, rule
+    f = R.factor_dense(M, R.RankRule("rank", 12))
+    assert f.rank == 12 and f.error < 1e-6  # asking for more costs nothing in error
+
+
+def test_dynamic_rules_on_randomized_match_exact():
+    M = spectrum_matrix(300, 420, SPECTRA["exponential"])
+    for rule in (
+        R.RankRule("energy", 0.9),
+        R.RankRule("sv_fro", 0.95),
+        R.RankRule("sv_ratio", 20),
+        R.RankRule("sv_epsilon", 0.2),
+        R.RankRule("energy", 0.999, max_rank=30),
+    ):
+        fast = R.factor_dense(M, rule)
+        slow = R.factor_dense(M, rule, exact=True)
+        assert fast.method == "randomized" and slow.method == "exact"
+        assert abs(fast.rank - slow.rank) <= 1, rule
+        if rule.method in ("energy", "sv_fro") and rule.max_rank is None:
+            # never short of the share asked for
+            share = rule.value if rule.method == "energy" else rule.value**2
+            assert 1 - fast.error**2 >= share - 1e-6
+        if rule.max_rank is not None:
+            assert fast.rank == slow.rank == rule.max_rank
+    # sv_cumulative needs Σσ, hence every σ: always the exact SVD
+    assert R.factor_dense(M, R.RankRule("sv_cumulative", 0.5)).method == "exact"
+
+
+def test_randomized_is_seeded_and_leaves_the_global_rng_alone():
+    M = spectrum_matrix(200, 300, SPECTRA["decaying"])
+    state = torch.random.get_rng_state()
+    a = R.factor_dense(M, R.RankRule("rank", 6), seed=3)
+    b = R.factor_dense(M, R.RankRule("rank", 6), seed=3)
+    c = R.factor_dense(M, R.RankRule("rank", 6), seed=4)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(a.B, b.B) and torch.equal(a.A, b.A)
+    assert not torch.equal(a.B, c.B)
+    assert c.error == pytest.approx(a.error, rel=0.01)
+
+
+def test_factor_dense_small_and_zero_matrices():
+    M = spectrum_matrix(20, 30, [1.0, 0.5, 0.25])
+    f = R.factor_dense(M, R.RankRule("rank", 8))  # 2·(8 + 10) > 20: exact
+    assert f.method == "exact" and f.rank == 8 and f.error < 1e-6
+    z = R.factor_dense(torch.zeros(30, 20), R.RankRule("energy", 0.9))
+    assert z.rank == 1 and z.error == 0.0
+    h = R.factor_dense(M, R.RankRule("rank", 2), out_dtype=torch.bfloat16)
+    assert h.B.dtype == torch.bfloat16
+    assert h.error == pytest.approx(measured(M, h), rel=1e-4)  # measured after rounding

@@ -95,7 +95,8 @@ def inspect_rank(ctx, adapter, threshold, module_glob, plot, json_):
     from ..sources import open_adapter
     from ..transform import inspect
 
-    opened = open_adapter(adapter, home_from(ctx))
+    # Lazily: headers now, each module's factors when it is measured (memory ≈ one module).
+    opened = open_adapter(adapter, home_from(ctx), lazy=True)
     report = inspect(opened.adapter, threshold=threshold, module_glob=module_glob)
     report["adapter"] = opened.label
     if plot:
@@ -168,106 +169,286 @@ def inspect_rank(ctx, adapter, threshold, module_glob, plot, json_):
         render.echo(f"spectra plotted to {plot}")
 
 
+def _rule_options(f):
+    """--rank | --energy | --sv-ratio | --sv-fro | --sv-cumulative | --sv-epsilon, --max-rank."""
+    opts = [
+        click.option("--rank", type=int, help="Keep this many singular values per module."),
+        click.option(
+            "--energy", type=float, help="Keep the fewest σ holding this share of Σσ² (0–1]."
+        ),
+        click.option(
+            "--sv-ratio",
+            type=float,
+            help="sd-scripts' sv_ratio: keep every σ > σ₁ / RATIO.",
+        ),
+        click.option(
+            "--sv-fro",
+            type=float,
+            help="sd-scripts' sv_fro: the fewest σ whose √Σσ² reaches this share of ‖ΔW‖_F.",
+        ),
+        click.option(
+            "--sv-cumulative",
+            type=float,
+            help="sd-scripts' sv_cumulative: the fewest σ whose Σσ reaches this share of Σσ.",
+        ),
+        click.option(
+            "--sv-epsilon",
+            type=float,
+            help="mergekit's --sv-epsilon: keep every σ > EPS (absolute).",
+        ),
+        click.option(
+            "--max-rank", type=int, help="Cap on the rank any rule keeps (sd-scripts' --new_rank)."
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _rule(kwargs: dict):
+    """The RankRule the rule options name; pops them from kwargs."""
+    from ..rank import RankRule
+
+    given = {
+        k: kwargs.pop(k)
+        for k in ("rank", "energy", "sv_ratio", "sv_fro", "sv_cumulative", "sv_epsilon")
+    }
+    max_rank = kwargs.pop("max_rank")
+    chosen = {k: v for k, v in given.items() if v is not None}
+    if len(chosen) != 1:
+        raise click.UsageError(
+            "give exactly one of --rank, --energy, --sv-ratio, --sv-fro, --sv-cumulative, --sv-epsilon"
+        )
+    ((method, value),) = chosen.items()
+    return RankRule(method, value, max_rank)
+
+
+def _expand(template: str | None, label: str, several: bool) -> str | None:
+    """--as / -o for one of several adapters: '{name}' in the template becomes its name."""
+    if template is None:
+        return None
+    if "{name}" in template:
+        from pathlib import Path
+
+        stem = Path(label.rstrip("/")).name.removesuffix(".safetensors")
+        return template.replace("{name}", stem)
+    if several:
+        raise click.UsageError("with several adapters, --as and -o need '{name}' in them")
+    return template
+
+
 @click.command()
-@click.argument("adapter")
-@click.option("--rank", type=int, help="Keep this many singular values per module.")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...")
+@_rule_options
 @click.option(
-    "--energy", type=float, help="Keep the fewest singular values holding this share of Σσ²."
+    "--common-rank",
+    is_flag=True,
+    help="Bring every module of every ADAPTER to one rank (truncate above, pad with zeros below).",
 )
 @click.option("--task", help="Task for --as (default: the source's catalog task).")
 @_output_options
 @json_option
 @click.pass_context
-def resize(ctx, adapter, rank, energy, task, as_name, out, force, json_):
-    """Truncate each module's rank by SVD and report the energy kept.
+def resize(ctx, adapters, common_rank, task, as_name, out, force, json_, **rule_opts):
+    """Change each module's rank by SVD of its factors and report the energy kept.
 
-    The new factors are B' = U√S, A' = √S·Vᵀ of each module's ΔW; alpha is rescaled so the
-    scale is kept. Resizing to the full rank is lossless.
+    The rank comes from one rule, per module: --rank R, --energy E (share of Σσ²), or the
+    dynamic rules of sd-scripts' resize_lora.py (--sv-ratio, --sv-fro, --sv-cumulative) or
+    mergekit's --sv-epsilon, each capped by --max-rank. Computed from the factors (QR of B and
+    Aᵀ, SVD of the r×r core), never the d×k ΔW. The new factors are U√S and √S·Vᵀ, with alpha
+    rescaled so each module's scale is kept; a module the rule does not shorten is unchanged.
+
+    --common-rank brings every module of every ADAPTER to one rank R — --rank, or the largest
+    rank the rule picks over all of them — for servers that pad each adapter to their largest
+    rank (vLLM's --max-lora-rank): modules above R are truncated by SVD (lossy, reported),
+    modules below R are padded with zero rank-columns (exact), and each adapter is written with
+    one r and one lora_alpha, no rank or alpha patterns. With several ADAPTERs, --as and -o
+    take '{name}', replaced by each adapter's name.
 
     \b
     Examples:
       loratool resize my-adapter --rank 8 --as my-adapter-r8
-      loratool resize ./adapter --energy 0.95 -o ./adapter-small
+      loratool resize ./adapter --sv-fro 0.9 --max-rank 32 -o ./adapter-small
+      loratool resize a b c --energy 0.95 --common-rank -o 'served/{name}'
     """
     from ..sources import open_adapter
+    from ..transform import common_rank_for
     from ..transform import resize as do_resize
     from . import render
 
+    rule = _rule(rule_opts)
     _check_output_choice(as_name, out)
-    opened = open_adapter(adapter, home_from(ctx))
-    with render.progress_count("resizing", len(opened.adapter.modules)) as advance:
-        result, kept = do_resize(opened.adapter, rank=rank, energy=energy, progress=advance)
-    where = _store(
-        ctx,
-        result,
-        as_name=as_name,
-        out=out,
-        force=force,
-        task=task or _source_task(ctx, adapter),
-        source_label=f"resize {opened.label}",
-        extra_meta={"resized_from": opened.label},
-    )
-    doc = {
-        "source": opened.label,
-        "written": where,
-        "params_before": opened.adapter.params,
-        "params_after": result.params,
-        "modules": {
-            n: {
-                "rank_before": opened.adapter.modules[n].rank,
-                "rank_after": m.rank,
-                "energy_kept": kept[n],
+    several = len(adapters) > 1
+    opened = [open_adapter(a, home_from(ctx), lazy=True) for a in adapters]
+    R = None
+    if common_rank:
+        n = sum(len(o.adapter.modules) for o in opened)
+        with render.progress_count("measuring", n) as advance:
+            R = common_rank_for([o.adapter for o in opened], rule, progress=advance)
+    docs = []
+    for spec, o in zip(adapters, opened, strict=True):
+        with render.progress_count("resizing", len(o.adapter.modules)) as advance:
+            result, report = do_resize(o.adapter, rule, common_rank=R, progress=advance)
+        where = _store(
+            ctx,
+            result,
+            as_name=_expand(as_name, o.label, several),
+            out=_expand(out, o.label, several),
+            force=force,
+            task=task or _source_task(ctx, spec),
+            source_label=f"resize {o.label}",
+            extra_meta={"resized_from": o.label},
+        )
+        docs.append(
+            {
+                "source": o.label,
+                "written": where,
+                "rule": rule.describe(),
+                "common_rank": R,
+                "params_before": o.adapter.params,
+                "params_after": result.params,
+                "modules": report,
+                "min_energy_kept": min(m["energy_kept"] for m in report.values()),
             }
-            for n, m in result.modules.items()
-        },
-        "min_energy_kept": min(kept.values()),
-    }
+        )
     if json_:
-        emit_json(doc)
+        emit_json(docs[0] if not several else {"common_rank": R, "adapters": docs})
         return
-    render.echo(
-        f"{where}: {len(result.modules)} modules, params {render.human_count(doc['params_before'])} → "
-        f"{render.human_count(doc['params_after'])}, energy kept ≥ {doc['min_energy_kept']:.4f} in every module"
-    )
+    for doc in docs:
+        ranks = sorted({m["rank_after"] for m in doc["modules"].values()})
+        shown = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
+        render.echo(
+            f"{doc['written']}: {len(doc['modules'])} modules at rank {shown}, params "
+            f"{render.human_count(doc['params_before'])} → {render.human_count(doc['params_after'])}, "
+            f"energy kept ≥ {doc['min_energy_kept']:.4f} in every module"
+        )
 
 
 @click.command()
 @click.argument("base", type=click.Path(exists=True))
 @click.argument("finetuned", type=click.Path(exists=True))
-@click.option("--rank", type=int, help="Rank of every extracted module.")
-@click.option(
-    "--energy", type=float, help="Per module, the fewest singular values holding this share."
-)
+@_rule_options
 @click.option("--task", required=True, help="The task the fine-tuned model was trained for.")
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Full SVD of every ΔW (optimal, slow at 7B sizes) instead of the randomized one.",
+)
+@click.option(
+    "--embed-lora/--embed-full",
+    "embed_lora",
+    default=True,
+    show_default=True,
+    help="Embeddings and lm_head as LoRA, or kept whole as PEFT modules_to_save.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16", "same"]),
+    default="float32",
+    show_default=True,
+    help="Dtype of the factors (same: the fine-tuned model's).",
+)
+@click.option(
+    "--base-model",
+    metavar="ID",
+    help="The base's name for the adapter config (default: found from the base, see above).",
+)
+@click.option(
+    "--task-type",
+    type=click.Choice(
+        [
+            "auto",
+            "CAUSAL_LM",
+            "SEQ_2_SEQ_LM",
+            "SEQ_CLS",
+            "TOKEN_CLS",
+            "QUESTION_ANS",
+            "FEATURE_EXTRACTION",
+        ]
+    ),
+    default="auto",
+    show_default=True,
+    help="PEFT task_type (auto: from the fine-tuned config's architectures).",
+)
+@click.option(
+    "--oversample", type=int, default=10, show_default=True, help="Randomized SVD: spare columns."
+)
+@click.option(
+    "--niter", type=int, default=4, show_default=True, help="Randomized SVD: power iterations."
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Randomized SVD: test-matrix seed."
+)
 @device_option
 @_output_options
 @json_option
 @click.pass_context
-def extract(ctx, base, finetuned, rank, energy, task, device, as_name, out, force, json_):
+def extract(
+    ctx,
+    base,
+    finetuned,
+    task,
+    exact,
+    embed_lora,
+    dtype,
+    base_model,
+    task_type,
+    oversample,
+    niter,
+    seed,
+    device,
+    as_name,
+    out,
+    force,
+    json_,
+    **rule_opts,
+):
     """A LoRA from the difference of two full models: ΔW = W_finetuned − W_base.
 
-    Streams tensor pair by tensor pair; each 2-D (or conv) pair that differs is factored by a
-    truncated SVD (exact for small matrices, randomized with power iterations for large ones),
-    on the GPU when there is one. Reports each module's relative Frobenius error.
+    Streams tensor pair by tensor pair (a reader thread fetches the next pair while the
+    current one is factored), on the GPU when there is one. Each 2-D (or conv) pair that
+    differs is factored by a randomized SVD (seeded: the same output every run) or, with
+    --exact, the full SVD; the rank comes from --rank, --energy, sd-scripts' --sv-ratio /
+    --sv-fro / --sv-cumulative or mergekit's --sv-epsilon, capped by --max-rank. Each
+    module's relative Frobenius error ‖ΔW − B·A‖/‖ΔW‖ is measured and reported.
+
+    The adapter config names the base as --base-model, else the Hub id of a Hugging Face
+    cache snapshot, else config.json's _name_or_path, else the base folder's absolute path;
+    task_type comes from the fine-tuned model's architectures (or --task-type), so
+    AutoPeftModelForCausalLM loads the result. Changed 1-D tensors (norms, biases) cannot be
+    a LoRA and are listed.
 
     \b
-    Example:
+    Examples:
       loratool extract ./llama ./llama-finetuned --rank 16 --task chat --as chat-r16
+      loratool extract ./base ./ft --sv-fro 0.9 --max-rank 64 --task chat -o ./chat-lora
     """
-    from pathlib import Path
-
-    from ..tensors.header import read_base
     from ..transform import extract as do_extract
     from . import render
 
+    rule = _rule(rule_opts)
     _check_output_choice(as_name, out)
+    from ..tensors.header import read_base
+
     n = len(read_base(base).tensors)
     with render.progress_count("extracting", n) as advance:
-        adapter, errors = do_extract(
-            base, finetuned, rank=rank, energy=energy, device=device, progress=advance
+        res = do_extract(
+            base,
+            finetuned,
+            rule,
+            progress=advance,
+            exact=exact,
+            oversample=oversample,
+            niter=niter,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            embed="lora" if embed_lora else "full",
+            base_model=base_model,
+            task_type=task_type,
         )
+    adapter = res.adapter
     adapter.meta.task = task
-    adapter.meta.base_model = Path(base).resolve().name
     where = _store(
         ctx,
         adapter,
@@ -277,26 +458,36 @@ def extract(ctx, base, finetuned, rank, energy, task, device, as_name, out, forc
         task=task,
         source_label=f"extract {finetuned}",
     )
-    skipped = adapter.origin.get("extract_skipped_1d", [])
+    errors = [m["relative_error"] for m in res.modules.values()]
+    cfg = adapter.origin["peft_config"]
     doc = {
         "written": where,
-        "modules": {
-            k: {"rank": adapter.modules[k].rank, "relative_error": v} for k, v in errors.items()
-        },
-        "max_relative_error": max(errors.values()),
+        "rule": rule.describe(),
+        "base_model": cfg["base_model_name_or_path"],
+        "task_type": cfg["task_type"],
+        "device": res.device,
+        "seconds": res.seconds,
+        "modules": res.modules,
+        "full": res.full,
+        "mean_relative_error": sum(errors) / len(errors),
+        "max_relative_error": max(errors),
         "params": adapter.params,
-        "skipped_1d_changed": skipped,
+        "not_extracted": res.not_extracted,
     }
     if json_:
         emit_json(doc)
         return
+    ranks = sorted({m["rank"] for m in res.modules.values()})
+    shown = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
     render.echo(
-        f"{where}: {len(errors)} modules, {render.human_count(adapter.params)} params, "
-        f"relative error ≤ {doc['max_relative_error']:.3g}"
+        f"{where}: {len(errors)} modules at rank {shown}, {render.human_count(adapter.params)} params, "
+        f"relative error mean {doc['mean_relative_error']:.3g}, max {doc['max_relative_error']:.3g} "
+        f"({res.seconds:.1f} s on {res.device}); base {doc['base_model']}"
     )
-    if skipped:
+    if res.not_extracted:
+        names = ", ".join(x["name"] for x in res.not_extracted[:5])
         render.warn(
-            f"{len(skipped)} changed 1-D tensors (norms, biases) cannot be expressed as LoRA: {', '.join(skipped[:5])}"
+            f"{len(res.not_extracted)} changed tensors cannot be expressed as LoRA and are not in the adapter: {names}"
         )
 
 

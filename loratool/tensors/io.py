@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -138,22 +139,34 @@ def header_bytes(
     return len(raw).to_bytes(8, "little") + raw
 
 
-def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    """Deterministic safetensors bytes: tensors in name order, metadata sorted."""
-    entries, blobs, pos = [], [], 0
+def _tensor_bytes(t) -> bytes:
+    if isinstance(t, HeaderTensor):
+        return t.raw()
+    import torch
+
+    t = t.detach().to("cpu").contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def serialize_chunks(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Iterator[bytes]:
+    """``serialize``'s bytes as the header, then one chunk per tensor, read one at a time
+    (sizes come from shape × dtype, so the header needs no tensor's data)."""
+    entries, pos = [], 0
     for name in sorted(tensors):
         t = tensors[name]
-        if isinstance(t, HeaderTensor):
-            data = t.raw()
-        else:
-            import torch
+        n = t.numel() * t.element_size()
+        entries.append((name, dtype_tag(t.dtype), tuple(t.shape), pos, pos + n))
+        pos += n
+    yield header_bytes(entries, metadata)
+    for name in sorted(tensors):
+        yield _tensor_bytes(tensors[name])
 
-            t = t.detach().to("cpu").contiguous()
-            data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        entries.append((name, dtype_tag(t.dtype), tuple(t.shape), pos, pos + len(data)))
-        blobs.append(data)
-        pos += len(data)
-    return header_bytes(entries, metadata) + b"".join(blobs)
+
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Deterministic safetensors bytes: tensors in name order, metadata sorted."""
+    return b"".join(serialize_chunks(tensors, metadata))
 
 
 def save_file(
