@@ -237,6 +237,15 @@ def read_base(path: str | os.PathLike) -> BaseIndex:
     root = Path(path)
     if not root.exists():
         raise FormatError("no such file or directory", file=root)
+    ggufs = (
+        [root] if root.suffix == ".gguf" else sorted(root.glob("*.gguf")) if root.is_dir() else []
+    )
+    if ggufs and not (root.is_dir() and any(root.glob("*.safetensors"))):
+        raise FormatError(
+            "GGUF-quantized bases are not supported: loratool reads safetensors bases",
+            file=ggufs[0],
+            hint="merge into the safetensors model the GGUF was converted from",
+        )
     if root.is_file():
         header = read_header(root)
         return BaseIndex(root, (root,), dict(header.tensors), None, {}, {root: header.metadata})

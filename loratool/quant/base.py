@@ -1,0 +1,178 @@
+"""What every quantization codec shares: the logical weight, the codec protocol, the errors.
+
+A quantized checkpoint stores one *logical* weight (what the model's parameter holds once
+loaded, and what an adapter's ΔW is added to) as several tensors: the quantized values and
+their scales, sometimes more (bitsandbytes' quant map and packed JSON state). A codec knows,
+for one scheme, which stored tensors make up each logical weight, how to decode them to the
+float32 values the scheme's reference dequantizer computes, and how to encode float32 values
+back with fresh scales computed the way the scheme's reference computes them.
+
+Nothing here imports torch at module level: detection and grouping read headers only, so
+``savings --base`` and merge planning stay fast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import FormatError, ValidationError
+from ..tensors.header import TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class LogicalWeight:
+    """One weight as the model sees it, and the stored tensors it is made of.
+
+    ``name`` and ``shape`` are the parameter's (what adapters target); ``parts`` maps a role
+    (``weight``, ``scale``, ``absmax``, …) to the stored tensor; ``dtype`` is the safetensors
+    tag a dequantized copy is written in when the caller does not choose one; ``params`` holds
+    what the codec read from the config or the tensors (block sizes, the quant type, …).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    parts: dict[str, TensorInfo]
+    dtype: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def stored_names(self) -> list[str]:
+        return [t.name for t in self.parts.values()]
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(t.nbytes for t in self.parts.values())
+
+    # quacks like a tensor for ``formats.resolve`` (shape and float-ness are all it asks)
+    def is_floating_point(self) -> bool:
+        return True
+
+    def error(self, message: str, cls=ValidationError, role: str | None = None):
+        """An error naming the layer (and the stored tensor when one is at fault)."""
+        info = self.parts.get(role) if role else None
+        where = info.file if info else next(iter(self.parts.values())).file
+        return cls(message, file=where, tensor=info.name if info else self.name)
+
+
+class Codec:
+    """One quantization scheme. Subclasses register themselves with ``quant.register``.
+
+    - ``detect(qc, tensors)``: whether this scheme made the checkpoint, from config.json's
+      ``quantization_config`` (``qc``, None when absent) and the stored tensors' headers.
+    - ``group(qc, tensors)``: every logical weight, by name, its parts found and checked
+      (a missing or misshapen scale tensor is refused here, before anything is written).
+    - ``decode(lw, parts)``: the float32 values, bit for bit what the reference computes.
+    - ``encode(lw, w)``: stored tensors for float32 ``w``, fresh scales by the reference's rule;
+      same roles, shapes and dtypes as ``lw.parts``.
+    """
+
+    name: str = ""
+    label: str = ""  # for people: "block-scaled FP8 (DeepSeek-V3 / Qwen3-FP8)"
+    # whether keeping the scheme is the default when the user does not pick --dtype
+    requantize_by_default: bool = True
+
+    def detect(self, qc: dict | None, tensors: dict[str, TensorInfo]) -> bool:
+        raise NotImplementedError
+
+    def group(self, qc: dict, tensors: dict[str, TensorInfo]) -> dict[str, LogicalWeight]:
+        raise NotImplementedError
+
+    def decode(self, lw: LogicalWeight, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, lw: LogicalWeight, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def describe(self, qc: dict) -> str:
+        return self.label
+
+
+@dataclass(frozen=True)
+class QuantizedBase:
+    """A base's scheme and its logical weights; stored tensors outside every logical weight
+    (norms, embeddings left unquantized, biases, activation scales) are ordinary tensors."""
+
+    codec: Codec
+    config: dict  # the quantization_config as read
+    weights: dict[str, LogicalWeight]
+
+    @property
+    def scheme(self) -> str:
+        return self.codec.name
+
+    def describe(self) -> str:
+        return self.codec.describe(self.config)
+
+    def owner(self) -> dict[str, str]:
+        """Stored tensor name → the logical weight it belongs to."""
+        return {s: lw.name for lw in self.weights.values() for s in lw.stored_names}
+
+
+def read_parts(lw: LogicalWeight) -> dict[str, torch.Tensor]:
+    """Read every stored part of a logical weight (torch needed)."""
+    from ..tensors.io import read_tensor
+
+    return {role: read_tensor(info) for role, info in lw.parts.items()}
+
+
+def check_finite(lw: LogicalWeight, t: torch.Tensor, role: str, what: str) -> None:
+    """Refuse NaN/Inf in a stored float part (a scale, FP8 values)."""
+    import torch
+
+    v = t if t.dtype in (torch.float32, torch.float64) else t.float()
+    if not bool(torch.isfinite(v).all()):
+        bad = "NaN" if bool(torch.isnan(v).any()) else "Inf"
+        raise lw.error(f"{what} holds {bad}", role=role)
+
+
+def check_decoded(lw: LogicalWeight, w: torch.Tensor) -> torch.Tensor:
+    """Refuse a dequantized weight that overflowed (a scale so large the product is Inf)."""
+    import torch
+
+    lo, hi = torch.aminmax(w)
+    if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+        bad = "NaN" if bool(torch.isnan(w).any()) else "Inf"
+        raise lw.error(
+            f"dequantizes to {bad}: a scale is so large that the weight overflows float32"
+        )
+    return w
+
+
+def error_report(exact: torch.Tensor, written: torch.Tensor) -> dict[str, float]:
+    """How far what is written lies from the exact float32 result, relative to its size.
+
+    ``max_rel_error`` = max|y − x| / max|x| and ``rms_rel_error`` = ‖y − x‖₂ / ‖x‖₂: an
+    element-wise relative error would be dominated by weights near zero, which every
+    quantizer maps to zero. Accumulated in float64, a block of rows at a time.
+    """
+
+    x = exact.reshape(exact.shape[0] if exact.dim() else 1, -1)
+    y = written.reshape(x.shape)
+    step = max(1, (1 << 20) // max(1, x.shape[1]))
+    max_err = max_abs = 0.0
+    sq_err = sq = 0.0
+    for i in range(0, x.shape[0], step):
+        xb = x[i : i + step].double()
+        d = y[i : i + step].double() - xb
+        if d.numel():
+            max_err = max(max_err, float(d.abs().max()))
+            max_abs = max(max_abs, float(xb.abs().max()))
+            sq_err += float((d * d).sum())
+            sq += float((xb * xb).sum())
+    return {
+        "max_rel_error": max_err / max_abs if max_abs > 0 else (0.0 if max_err == 0 else math.inf),
+        "rms_rel_error": math.sqrt(sq_err / sq) if sq > 0 else (0.0 if sq_err == 0 else math.inf),
+    }
+
+
+def refuse(message: str, where, hint: str | None = None) -> FormatError:
+    return FormatError(message, file=where, hint=hint)
