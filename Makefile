@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch that lies on this machine's disk; an unpinned torch pulls CUDA.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: all venv demo test lint fixtures bench clean
+.PHONY: all venv demo test test-slow lint fixtures bench clean
 
 all: test
 
@@ -23,6 +23,10 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# The tests marked slow (deselected by `make test`): the long randomized interruption run.
+test-slow: venv
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow tests
 
 lint: venv
 	$(BIN)/ruff check loratool tests benchmarks fixtures

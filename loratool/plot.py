@@ -8,7 +8,9 @@ from .errors import MissingDependencyError
 from .fsutil import atomic_file
 
 
-def plot_spectra(report: dict, dest: str) -> Path:
+def plot_spectra(report: dict, dest: str, *, force: bool = False) -> Path:
+    """Plot the spectra to ``dest`` (its suffix names the image format); an existing file is
+    replaced only with ``force``, even one that appears while the plot is drawn."""
     try:
         import matplotlib
 
@@ -31,7 +33,7 @@ def plot_spectra(report: dict, dest: str) -> Path:
     )
     ax.grid(True, which="both", alpha=0.3)
     dest_path = Path(dest)
-    with atomic_file(dest_path) as tmp:
+    with atomic_file(dest_path, force=force) as tmp:
         fig.savefig(tmp, format=dest_path.suffix.lstrip(".") or "png", dpi=100)
     plt.close(fig)
     return dest_path

@@ -20,6 +20,7 @@ from dataclasses import replace
 from .adapter import Adapter, AdapterMeta, LoraModule
 from .errors import ValidationError
 from .rank import RankRule
+from .weights import check_weight
 
 
 def factors_2d(mod: LoraModule):
@@ -251,12 +252,17 @@ def combine(
     Returns the adapter and, for re-factored methods, each module's relative error against the
     combination it stands for (0 for the exact methods).
     """
+    import torch
+
     from . import combine as cm
 
     if method not in METHODS:
         raise ValidationError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
     if len(inputs) < 1:
         raise ValidationError("give at least one adapter")
+    for i, (a, w) in enumerate(inputs):
+        label = a.meta.name or a.meta.source or f"adapter {i + 1}"
+        check_weight(w, ((n, m.scale) for n, m in a.modules.items()), label=str(label))
     if method in ("svd", "ties", "dare") and rank is None:
         raise ValidationError(f"--method {method} needs --rank")
     if method in ("ties", "dare") and not 0 < density <= 1:
@@ -281,16 +287,27 @@ def combine(
                 )
         parts = [(*factors_2d(m), m.scale, w) for m, w in present]
         err = 0.0
-        if method == "cat":
-            B, A = cm.combine_cat(parts)
-        elif method == "linear":
-            B, A = cm.combine_linear(parts)
-        elif method == "svd":
-            B, A, err = cm.combine_svd(parts, rank)
-        elif method == "ties":
-            B, A, err = cm.combine_ties(parts, rank, density)
-        else:
-            B, A, err = cm.combine_dare(parts, rank, density, seed)
+        try:
+            if method == "cat":
+                B, A = cm.combine_cat(parts)
+            elif method == "linear":
+                B, A = cm.combine_linear(parts)
+            elif method == "svd":
+                B, A, err = cm.combine_svd(parts, rank)
+            elif method == "ties":
+                B, A, err = cm.combine_ties(parts, rank, density)
+            else:
+                B, A, err = cm.combine_dare(parts, rank, density, seed)
+        except torch.linalg.LinAlgError as exc:  # the SVD of a sum that overflowed float32
+            raise ValidationError(
+                "the combination is not finite in float32", tensor=name, hint="use smaller weights"
+            ) from exc
+        if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
+            raise ValidationError(
+                "the combined factors contain NaN or Inf (they overflow float32)",
+                tensor=name,
+                hint="use smaller weights",
+            )
         modules[name] = module_from_2d(first, B.float(), A.float(), 1.0, rslora=False)
         errors[name] = float(err)
     base_model = next((a.meta.base_model for a, _ in inputs if a.meta.base_model), None)

@@ -769,8 +769,13 @@ class Catalog:
     def export(
         self, name: str, dest: str | os.PathLike, fmt: str = "peft", *, force: bool = False
     ) -> Path:
-        """Write the adapter out as ``peft`` (a directory), ``kohya`` or ``loratool`` (a file)."""
+        """Write the adapter out as ``peft`` (a directory), ``kohya`` or ``loratool`` (a file).
+
+        ``dest`` may not be, contain or lie inside the home (``force`` or not)."""
         from ..formats import WRITE_FORMATS, save_adapter
+        from ..fsutil import check_destination
+
+        check_destination(dest, home=self.home, force=force)
 
         if fmt not in WRITE_FORMATS:
             raise ValidationError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import device_option, emit_json, home_from, json_option, parse_weighted
+from .options import check_out, device_option, emit_json, home_from, json_option, parse_weighted
 
 DTYPES = click.Choice(["same", "float16", "bfloat16", "float32"])
 dtype_option = click.option(
@@ -16,25 +16,26 @@ dtype_option = click.option(
 )
 
 
-def _open_inputs(ctx, specs, sign: float):
+def _open_inputs(ctx, weighted, sign: float):
     from ..merge import AdapterInput
     from ..sources import open_adapter
 
     inputs = []
-    for spec in specs:
-        name, weight = parse_weighted(spec)
+    for name, weight in weighted:
         opened = open_adapter(name, home_from(ctx), lazy=True)  # torch is imported during the copy
         inputs.append(AdapterInput(opened.adapter, sign * weight, opened.label, opened.sha256))
     return inputs
 
 
-def _run(ctx, base, specs, out, sign, device, dtype, force, strict, json_):
+def _run(ctx, base, specs, out, sign, device, dtype, force, strict, json_, check_base=None):
     from ..merge import execute, plan_merge
     from . import render
 
+    weighted = [parse_weighted(spec, ctx) for spec in specs]
+    check_out(ctx, out, [base, check_base, *(name for name, _ in weighted)], force)
     plan = plan_merge(
         base,
-        _open_inputs(ctx, specs, sign),
+        _open_inputs(ctx, weighted, sign),
         out,
         dtype=dtype,
         device=device,
@@ -69,7 +70,10 @@ def _run(ctx, base, specs, out, sign, device, dtype, force, strict, json_):
 @dtype_option
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option(
-    "--strict", is_flag=True, help="Refuse an adapter made for another base (default: warn)."
+    "--strict",
+    is_flag=True,
+    help="Refuse, rather than warn about, an adapter made for another base or a file of BASE "
+    "that is a link to outside it.",
 )
 @json_option
 @click.pass_context
@@ -122,7 +126,7 @@ def unmerge(ctx, merged, adapters, out, check_base, device, dtype, force, json_)
     Example:
       loratool unmerge ./llama-merged my-adapter -o ./llama-restored --check ./llama
     """
-    result = _run(ctx, merged, adapters, out, -1.0, device, dtype, force, False, json_)
+    result = _run(ctx, merged, adapters, out, -1.0, device, dtype, force, False, json_, check_base)
     doc = result.as_dict()
     if check_base:
         from ..merge import compare_bases

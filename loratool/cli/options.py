@@ -35,12 +35,58 @@ def emit_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def parse_weighted(spec: str) -> tuple[str, float]:
-    """``NAME[=WEIGHT]`` → (name, weight). The last '=' splits, so paths may hold '='."""
-    if "=" in spec:
-        name, _, w = spec.rpartition("=")
+def home_path(ctx: click.Context):
+    """The catalog home this command uses (it may not exist yet)."""
+    from pathlib import Path
+
+    from ..catalog import default_home
+
+    home = home_from(ctx)
+    return Path(home).expanduser() if home else default_home()
+
+
+def parse_weighted(spec: str, ctx: click.Context | None = None) -> tuple[str, float]:
+    """``NAME[=WEIGHT]`` → (name, weight), strictly (see ``loratool.weights.split_weighted``):
+    the last '=' splits, so paths may hold '='; a weight that is not a finite number is an
+    error. With ``ctx``, NAME may be a catalog name as well as a path."""
+    from ..weights import split_weighted
+
+    return split_weighted(spec, _is_adapter(ctx) if ctx is not None else None)
+
+
+def _is_adapter(ctx: click.Context):
+    def exists(name: str) -> bool:
+        from pathlib import Path
+
+        if Path(name).exists():
+            return True
+        from ..catalog import Catalog, validate_name
+        from ..errors import LoratoolError
+
         try:
-            return name, float(w)
-        except ValueError:
-            pass
-    return spec, 1.0
+            validate_name(name)
+        except LoratoolError:
+            return False
+        cat = Catalog(home_from(ctx))
+        try:
+            return cat.exists(name)
+        finally:
+            cat.close()
+
+    return exists
+
+
+def input_paths(*specs: str | None) -> list[str]:
+    """The arguments that name files or directories (the others are catalog names, whose
+    blobs lie in the home)."""
+    from pathlib import Path
+
+    return [s for s in specs if s is not None and Path(s).exists()]
+
+
+def check_out(ctx: click.Context, out, inputs, force: bool) -> None:
+    """The one destination check (``loratool.fsutil.check_destination``) against this
+    command's inputs and the catalog home, before anything is read or written."""
+    from ..fsutil import check_destination
+
+    check_destination(out, inputs=input_paths(*inputs), home=home_path(ctx), force=force)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import click
 
-from .options import device_option, emit_json, home_from, json_option, parse_weighted
+from .options import (
+    check_out,
+    device_option,
+    emit_json,
+    home_from,
+    input_paths,
+    json_option,
+    parse_weighted,
+)
 
 
 def _output_options(f):
@@ -18,9 +26,24 @@ def _output_options(f):
     return f
 
 
-def _check_output_choice(as_name, out) -> None:
+def _check_output_choice(ctx, as_name, out, force, inputs, *, several: bool = False) -> None:
+    """Exactly one of --as and -o, and destinations (each input's, with several) that
+    overlap no input, the catalog home included: refused before anything is read."""
     if (as_name is None) == (out is None):
         raise click.UsageError("give exactly one of --as NAME and -o DEST")
+    labels = inputs if several else inputs[:1]
+    if out is not None:
+        for dest in {_expand(out, label, several) for label in labels}:
+            check_out(ctx, dest, inputs, force)
+        return
+    for name in {_expand(as_name, label, several) for label in labels}:
+        if force and name in inputs and not input_paths(name):
+            from ..errors import ValidationError
+
+            raise ValidationError(
+                f"--as {name} --force would replace an input of this command",
+                hint="choose another name; --force never replaces an input",
+            )
 
 
 def _store(ctx, adapter, *, as_name, out, force, task, source_label, extra_meta=None):
@@ -77,9 +100,10 @@ def _source_task(ctx, spec: str) -> str | None:
     type=click.Path(dir_okay=False),
     help="Plot the spectra to FILE.png (needs the plot extra).",
 )
+@click.option("--force", is_flag=True, help="Replace an existing --plot file.")
 @json_option
 @click.pass_context
-def inspect_rank(ctx, adapter, threshold, module_glob, plot, json_):
+def inspect_rank(ctx, adapter, threshold, module_glob, plot, force, json_):
     """The singular values of every scale·B·A and the rank they say the task needs.
 
     Computed from the factors (QR of B and Aᵀ, SVD of the r×r core), never forming the d×k
@@ -96,13 +120,15 @@ def inspect_rank(ctx, adapter, threshold, module_glob, plot, json_):
     from ..transform import inspect
 
     # Lazily: headers now, each module's factors when it is measured (memory ≈ one module).
+    if plot:
+        check_out(ctx, plot, [adapter], force)
     opened = open_adapter(adapter, home_from(ctx), lazy=True)
     report = inspect(opened.adapter, threshold=threshold, module_glob=module_glob)
     report["adapter"] = opened.label
     if plot:
         from ..plot import plot_spectra
 
-        plot_spectra(report, plot)
+        plot_spectra(report, plot, force=force)
     if json_:
         emit_json(report)
         return
@@ -277,8 +303,8 @@ def resize(ctx, adapters, common_rank, task, as_name, out, force, json_, **rule_
     from . import render
 
     rule = _rule(rule_opts)
-    _check_output_choice(as_name, out)
     several = len(adapters) > 1
+    _check_output_choice(ctx, as_name, out, force, list(adapters), several=several)
     opened = [open_adapter(a, home_from(ctx), lazy=True) for a in adapters]
     R = None
     if common_rank:
@@ -427,7 +453,7 @@ def extract(
     from . import render
 
     rule = _rule(rule_opts)
-    _check_output_choice(as_name, out)
+    _check_output_choice(ctx, as_name, out, force, [base, finetuned])
     from ..tensors.header import read_base
 
     n = len(read_base(base).tensors)
@@ -532,16 +558,16 @@ def combine(ctx, adapters, method, rank, density, seed, task, as_name, out, forc
     from ..transform import combine as do_combine
     from . import render
 
-    _check_output_choice(as_name, out)
+    weighted = [parse_weighted(spec, ctx) for spec in adapters]
+    _check_output_choice(ctx, as_name, out, force, [name for name, _ in weighted])
     inputs, labels = [], []
-    for spec in adapters:
-        name, weight = parse_weighted(spec)
+    for name, weight in weighted:
         opened = open_adapter(name, home_from(ctx))
         inputs.append((opened.adapter, weight))
         labels.append(f"{opened.label}={weight:g}")
     result, errors = do_combine(inputs, method, rank=rank, density=density, seed=seed)
     if task is None:
-        tasks = {_source_task(ctx, parse_weighted(s)[0]) for s in adapters}
+        tasks = {_source_task(ctx, name) for name, _ in weighted}
         task = tasks.pop() if len(tasks) == 1 else None
     where = _store(
         ctx,

@@ -72,8 +72,11 @@ def load_adapter(path: str | os.PathLike, *, lazy: bool = False) -> Adapter:
 def save_adapter(
     adapter: Adapter, dest: str | os.PathLike, fmt: str = "peft", *, force: bool = False
 ) -> Path:
-    """Write ``adapter`` to ``dest`` atomically: a PEFT directory, or one .safetensors file."""
+    """Write ``adapter`` to ``dest`` atomically: a PEFT directory, or one .safetensors file.
+
+    NaN or Inf in a factor is refused before anything is written, as ``add`` refuses it."""
     dest = Path(dest)
+    adapter.check_finite(dest)
     if fmt == "peft":
         with atomic_dir(dest, force=force) as tmp:
             write_peft_files(adapter, tmp)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -31,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ValidationError
-from ..fsutil import atomic_dir, atomic_file
-from .plan import FilePlan, MergePlan, TensorPlan, pick_device
+from ..fsutil import atomic_dir, atomic_file, contained_target, copy_contained
+from .plan import FilePlan, MergePlan, TensorPlan, base_file_roots, pick_device
 
 _COPY_CHUNK = 64 << 20
 
@@ -248,9 +247,9 @@ def execute(
     engine = _Engine(plan)
     try:
         ctx = (
-            atomic_file(plan.out, force=True)
+            atomic_file(plan.out, force=plan.force)
             if plan.single_file
-            else atomic_dir(plan.out, force=True)
+            else atomic_dir(plan.out, force=plan.force)
         )
         with ctx as tmp:
             for fp in plan.files:
@@ -263,13 +262,20 @@ def execute(
                     (tmp / plan.base.index_path.name).write_text(
                         json.dumps(plan.index, indent=2) + "\n"
                     )
+                # Checked again as they are copied: a link swapped in since the plan is refused.
+                roots = base_file_roots(plan.base)
                 for p in plan.extra_files:
                     rel = p.relative_to(plan.base.root)
                     (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                     if rel.name == "config.json" and plan.config_updates:
-                        write_config(p, tmp / rel, plan.config_updates)
+                        real = contained_target(p, roots)
+                        if real is None:
+                            raise ValidationError(
+                                "is a link to outside the model directory; not copied", file=p
+                            )
+                        write_config(real, tmp / rel, plan.config_updates)
                     else:
-                        shutil.copyfile(p, tmp / rel)
+                        copy_contained(p, tmp / rel, roots)
     finally:
         for fd in fds.values():
             os.close(fd)

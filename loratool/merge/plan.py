@@ -14,9 +14,10 @@ from .. import __version__
 from ..adapter import Adapter, AddToTensor, Module, ReplaceRows, ReplaceTensor, TensorOp
 from ..errors import ValidationError
 from ..formats.resolve import resolve
-from ..fsutil import check_output
+from ..fsutil import check_destination, contained_target
 from ..tensors.header import DTYPE_SIZES, FLOAT_DTYPES, BaseIndex, TensorInfo, read_base
 from ..tensors.io import header_bytes
+from ..weights import check_weight
 from .ops import AddStep, DeltaStep, DoraStep, ReplaceStep, RowsStep, Step
 
 DTYPE_CHOICES = {"same": None, "float16": "F16", "bfloat16": "BF16", "float32": "F32"}
@@ -122,6 +123,7 @@ class MergePlan:
     warnings: tuple[str, ...] = ()
     # keys of config.json to set in the output (vocab_size, tie_word_embeddings…)
     config_updates: dict = field(default_factory=dict)
+    force: bool = False  # replace an existing OUT (never an input: see plan_merge)
 
     @property
     def total_bytes(self) -> int:
@@ -276,13 +278,16 @@ def plan_merge(
     strict: bool = False,
 ) -> MergePlan:
     """Validate everything a merge needs and freeze it into a plan; writes nothing."""
-    base = read_base(base_path)
     out = Path(out)
-    check_output(out, force)
-    if out.resolve() == base.root.resolve() or any(
-        out.resolve() == f.resolve() for f in base.files
-    ):
-        raise ValidationError("the output may not overwrite the base it reads", file=out)
+    # What the merge reads may never be what it writes, checked before the base is read and
+    # again once its files are known (a shard may be a link to elsewhere). --force replaces
+    # only an earlier output.
+    adapter_paths = [i.label for i in inputs if os.path.exists(i.label)]
+    check_destination(out, inputs=[base_path, *adapter_paths], force=force)
+    base = read_base(base_path)
+    check_destination(
+        out, inputs=[base.root, *base.files, base.index_path], force=force, exists_check=False
+    )
     if dtype not in DTYPE_CHOICES:
         raise ValidationError(
             f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}"
@@ -314,6 +319,9 @@ def plan_merge(
                 warnings.append(
                     f"{inp.label} is not recorded as merged into {base_name(base)}; subtracting it anyway"
                 )
+        check_weight(
+            inp.weight, ((n, m.scale) for n, m in adapter.modules.items()), label=inp.label
+        )
         for name, mod in adapter.modules.items():
             by_tensor.setdefault(name, []).append(module_step(mod, inp))
         for target, op in adapter.ops.items():
@@ -366,13 +374,40 @@ def plan_merge(
         if base.index_path is not None:
             skip.add(base.index_path.resolve())
         for p in sorted(base.root.iterdir()):
-            if p.is_file() and p.resolve() not in skip and not p.name.startswith("."):
-                extra.append(p)
+            if p.name.startswith(".") or not p.is_file() or p.resolve() in skip:
+                continue
+            if contained_target(p, base_file_roots(base)) is None:
+                # tokenizer.json → ~/.ssh/id_rsa would put the secret in the output
+                msg = f"{p} is a link to outside the base directory; not copied"
+                if strict:
+                    raise ValidationError(msg, hint="drop --strict to skip it")
+                warnings.append(msg)
+                continue
+            extra.append(p)
     plan = MergePlan(
-        base, out, single, tuple(files), tuple(inputs), dev, tuple(extra), index, tuple(warnings)
+        base,
+        out,
+        single,
+        tuple(files),
+        tuple(inputs),
+        dev,
+        tuple(extra),
+        index,
+        tuple(warnings),
+        force=force,
     )
     _check_space(plan)
     return plan
+
+
+def base_file_roots(base: BaseIndex) -> list[Path]:
+    """Where a base directory's files may really lie: the directory, and for a snapshot in
+    the Hugging Face cache (whose files are links to ``../../blobs/<hash>``) that repo's blobs."""
+    root = base.root
+    roots = [root]
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        roots.append(root.parent.parent / "blobs")
+    return roots
 
 
 def _check_space(plan: MergePlan) -> None:
