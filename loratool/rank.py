@@ -173,12 +173,18 @@ def rank_report(B, A, scale: float = 1.0, threshold: float = 0.99) -> dict:
     and energy (cumulative share of Σσ² for the first 1, 2, … values).
     """
     values = factored_svdvals(B, A, scale).tolist()
+    return spectrum_report(values, [int(B.shape[0]), int(A.shape[1])], int(B.shape[1]), threshold)
+
+
+def spectrum_report(values, shape, rank: int, threshold: float = 0.99) -> dict:
+    """``rank_report``'s keys from a spectrum already computed (modules that are not one B·A:
+    LoHa, LoKr… give theirs from their own factors)."""
     s = _spectrum(values)
     cum = _cumulative(s)
-    shape = [int(B.shape[0]), int(A.shape[1])]
+    shape = [int(shape[0]), int(shape[1])]
     return {
         "shape": shape,
-        "rank": int(B.shape[1]),
+        "rank": int(rank),
         "numerical_rank": numerical_rank(s, shape),
         "energy_rank": _energy_rank(cum, threshold),
         "stable_rank": stable_rank(s),

@@ -50,6 +50,15 @@ def layer_kind(name: str) -> str:
 # -- inspect -------------------------------------------------------------------------------
 
 
+def rank_report_of(mod, threshold: float) -> dict:
+    """inspect-rank's report of a module that is not one B·A, from its ``svdvals()``."""
+    from .rank import spectrum_report
+
+    shape = mod.base_shape
+    flat = [int(shape[0]), math.prod(int(x) for x in shape[1:])]
+    return spectrum_report(mod.svdvals().tolist(), flat, mod.rank, threshold)
+
+
 def inspect(adapter: Adapter, *, threshold: float = 0.99, module_glob: str | None = None) -> dict:
     """inspect-rank's report. Module at a time: a lazily loaded adapter (``lazy=True``) has
     each module's factors read, measured and dropped before the next, so private memory holds
@@ -63,9 +72,14 @@ def inspect(adapter: Adapter, *, threshold: float = 0.99, module_glob: str | Non
         if module_glob and not fnmatch.fnmatchcase(name, module_glob):
             continue
         mod = lazy_mod.materialized()
-        B, A = factors_2d(mod)
-        rep = rank_report(B, A, mod.scale, threshold=threshold)
-        del mod, B, A
+        if hasattr(mod, "svdvals"):
+            # LyCORIS kinds: the spectrum from their own factors (adapter/lycoris.py), no ΔW
+            rep = rank_report_of(mod, threshold)
+        else:
+            B, A = factors_2d(mod)
+            rep = rank_report(B, A, mod.scale, threshold=threshold)
+            del B, A
+        del mod
         rep = {"name": name, "kind": lazy_mod.kind, **rep}
         rep["shape"] = list(lazy_mod.base_shape)
         rep["rank"] = lazy_mod.rank

@@ -4,6 +4,7 @@ and the delta math beside them.
 - ``module.py``: the :class:`Module` protocol every kind implements, and the kind registry;
 - ``lora.py``: LoRA and DoRA on linear, Conv1D (``linear_fifo``), conv2d and embedding weights;
 - ``experts.py``: LoRA on fused 3-D expert tensors (peft's ``target_parameters``);
+- ``lycoris.py``: LyCORIS LoHa, LoKr and Tucker LoCon, as lycoris-lora computes them;
 - ``ops.py``: whole-tensor operations (replace, replace rows, add to a bias);
 - ``model.py``: :class:`Adapter` and :class:`AdapterMeta`.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from .experts import ExpertLoraModule
 from .lora import KINDS, LoraModule, build_module, delta_from_factors
+from .lycoris import LoconTuckerModule, LohaModule, LokrModule
 from .model import Adapter, AdapterMeta
 from .module import KIND_CLASSES, DeltaTerm, Module, module_class, register
 from .ops import OP_CLASSES, AddToTensor, ReplaceRows, ReplaceTensor, TensorOp, op_class
@@ -25,6 +27,9 @@ __all__ = [
     "AddToTensor",
     "DeltaTerm",
     "ExpertLoraModule",
+    "LoconTuckerModule",
+    "LohaModule",
+    "LokrModule",
     "LoraModule",
     "Module",
     "ReplaceRows",
