@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch that lies on this machine's disk; an unpinned torch pulls CUDA.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: all venv demo test test-slow lint fixtures bench clean
+.PHONY: all venv bench-venv demo test test-slow lint fixtures bench clean
 
 all: test
 
@@ -17,6 +17,20 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 venv: $(BIN)/.installed
+
+# mergekit for benchmarks/bench_extract.py, in its own venv: mergekit pins its own versions of
+# transformers, safetensors, click…, which must not touch the project's. Same CPU torch.
+MERGEKIT_SPEC ?= mergekit==0.1.5
+BENCH_VENV := benchmarks/_work/mergekit-venv
+
+$(BENCH_VENV)/.installed:
+	$(PY) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(BENCH_VENV)/bin/pip install -q "$(MERGEKIT_SPEC)"
+	touch $@
+
+bench-venv: $(BENCH_VENV)/.installed
 
 demo: venv
 	$(BIN)/python -m loratool.demo

@@ -199,7 +199,7 @@ def plan_extract(
     *,
     exact: bool = False,
     oversample: int = 10,
-    niter: int = 4,
+    niter: int = 2,
     seed: int = 0,
     device: str = "auto",
     dtype: str = "float32",

@@ -511,7 +511,7 @@ class RankRule:
 # -- factoring a dense ΔW: randomized by default, exact on request ---------------------------------
 
 
-def randomized_svd(M, q: int, *, niter: int = 4, seed: int = 0):
+def randomized_svd(M, q: int, *, niter: int = 2, seed: int = 0):
     """(U, S, Vh): the q leading singular triplets of M, estimated (Halko, Martinsson & Tropp
     2011, algorithms 4.4 and 5.1: randomized range finder with subspace iteration).
 
@@ -521,9 +521,9 @@ def randomized_svd(M, q: int, *, niter: int = 4, seed: int = 0):
     product re-orthonormalised by QR so that small σ are not lost to rounding; then the exact
     SVD of the small q×k matrix Qᵀ·M, in float64, gives S and Vh, and U = Q·U_small. Each
     pass costs one d×k×q product; the error shrinks as (σ_{q+1}/σ_j)^(2·niter+1) for the j-th
-    value, so a few columns to spare (q = k + oversample) and four iterations come within a
-    fraction of a percent of the optimal truncation even on slowly decaying spectra (two
-    iterations, torch.svd_lowrank's and sd-scripts' default, measured up to 0.5% above it).
+    value, so a few columns to spare (q = k + oversample) and two iterations (torch.svd_lowrank's
+    and sd-scripts' default) come within half a percent of the optimal truncation even on
+    slowly decaying spectra (σᵢ ∝ 1/√i measured +0.45%), and four within 0.05%.
 
     M stays in its dtype (float32 or float64) and on its device; U, S, Vh come back in it.
     """
@@ -579,13 +579,36 @@ def relative_residual(M, B, A, chunk_rows: int = 1024) -> float:
     return 0.0 if den == 0.0 else math.sqrt(num / den)
 
 
+def measured_error(M, B, A, total_sq: float | None = None) -> float:
+    """‖M − B·A‖_F / ‖M‖_F of these very factors, in one pass over M and no d×k temporary.
+
+    ‖M − B·A‖² = ‖M‖² − 2·⟨BᵀM, A⟩ + ⟨BᵀB, A·Aᵀ⟩: one r×k product BᵀM (float32, d·k·r
+    flops) and r×r Grams in float64. It is exact algebra on the factors as stored, but the
+    float32 BᵀM carries ~1e-6 of ‖M‖², so where the error is small (below 0.1, where that
+    would matter) the residual is formed block by block instead (``relative_residual``).
+    """
+    import torch
+
+    total = float(M.square().sum(dtype=torch.float64)) if total_sq is None else total_sq
+    if total == 0.0:
+        return 0.0
+    dt = M.dtype
+    Bw, Aw = B.to(dt), A.to(dt)
+    cross = float(((Bw.T @ M).double() * Aw.double()).sum())
+    gram = float(((Bw.double().T @ Bw.double()) * (Aw.double() @ Aw.double().T)).sum())
+    rel_sq = (total - 2.0 * cross + gram) / total
+    if rel_sq < 1e-2:
+        return relative_residual(M, B, A)
+    return math.sqrt(rel_sq)
+
+
 def factor_dense(
     M,
     rule: RankRule,
     *,
     exact: bool = False,
     oversample: int = 10,
-    niter: int = 4,
+    niter: int = 2,
     seed: int = 0,
     out_dtype=None,
 ) -> DenseFactors:
@@ -641,4 +664,4 @@ def factor_dense(
     root = S[:k].sqrt()
     B = (U[:, :k] * root).to(out_dtype).contiguous()
     A = (root[:, None] * Vh[:k]).to(out_dtype).contiguous()
-    return DenseFactors(B, A, relative_residual(M, B, A), method, q)
+    return DenseFactors(B, A, measured_error(M, B, A, total_sq), method, q)

@@ -67,9 +67,12 @@ def inspect(adapter: Adapter, *, threshold: float = 0.99, module_glob: str | Non
 
     if not 0 < threshold <= 1:
         raise ValidationError(f"--threshold must be in (0, 1], got {threshold}")
-    modules = []
+    modules, skipped = [], []
     for name, lazy_mod in adapter.modules.items():
         if module_glob and not fnmatch.fnmatchcase(name, module_glob):
+            continue
+        if not isinstance(lazy_mod, LoraModule) and not hasattr(lazy_mod, "svdvals"):
+            skipped.append({"name": name, "kind": lazy_mod.label, "reason": "no spectrum"})
             continue
         mod = lazy_mod.materialized()
         if hasattr(mod, "svdvals"):
@@ -80,13 +83,18 @@ def inspect(adapter: Adapter, *, threshold: float = 0.99, module_glob: str | Non
             rep = rank_report(B, A, mod.scale, threshold=threshold)
             del B, A
         del mod
-        rep = {"name": name, "kind": lazy_mod.kind, **rep}
+        # DoRA: the spectrum of its low-rank part (the magnitude re-normalises rows after).
+        rep = {"name": name, "kind": lazy_mod.label, **rep}
         rep["shape"] = list(lazy_mod.base_shape)
         rep["rank"] = lazy_mod.rank
         modules.append(rep)
     if not modules:
         raise ValidationError(
-            f"no module matches {module_glob!r}" if module_glob else "the adapter has no modules"
+            f"no module matches {module_glob!r}"
+            if module_glob and not skipped
+            else "no module of the adapter has a spectrum loratool can compute"
+            if skipped
+            else "the adapter has no modules"
         )
     by_kind: dict[str, list[dict]] = {}
     for m in modules:
@@ -107,6 +115,7 @@ def inspect(adapter: Adapter, *, threshold: float = 0.99, module_glob: str | Non
     summary["threshold"] = threshold
     summary["suggested_rank"] = max(1, summary["energy_rank_max"])
     summary["by_layer_kind"] = {k: stats(v) for k, v in sorted(by_kind.items())}
+    summary["skipped"] = skipped  # modules that are not one B·A (expert-stacked, LoHa, …)
     return {"modules": modules, "summary": summary}
 
 
@@ -124,6 +133,10 @@ def common_rank_for(adapters: list[Adapter], rule: RankRule, progress=None) -> i
     best = 1
     for adapter in adapters:
         for name, lazy_mod in adapter.modules.items():
+            if not isinstance(lazy_mod, LoraModule):
+                raise ValidationError(
+                    f"resize works on LoRA B·A modules; this one is {lazy_mod.label}", tensor=name
+                )
             mod = lazy_mod.materialized()
             B, A = factors_2d(mod)
             S = factored_svdvals(B, A, mod.scale)
@@ -150,6 +163,23 @@ def _pad(B, A, R: int):
     return (
         torch.cat([B, B.new_zeros(B.shape[0], R - r)], 1),
         torch.cat([A, A.new_zeros(R - r, A.shape[1])], 0),
+    )
+
+
+def _resized(template: LoraModule, B, A, scale: float, rslora: bool) -> LoraModule:
+    """``template`` with 2-D factors B, A (reshaped for conv2d) standing for scale·B·A, alpha
+    set for that scale; every other field (DoRA magnitude, target rows) kept."""
+    k = A.shape[0]
+    if template.kind == "conv2d":
+        A = A.reshape(k, *template.A.shape[1:])
+        B = B.reshape(B.shape[0], k, 1, 1)
+    alpha = scale * (math.sqrt(k) if rslora else k)
+    return replace(
+        template,
+        A=A.to(template.A.dtype).contiguous(),
+        B=B.to(template.B.dtype).contiguous(),
+        alpha=alpha,
+        rslora=rslora,
     )
 
 
@@ -186,6 +216,10 @@ def resize(
     s0, rslora0 = _common_scale(adapter) if common else (1.0, False)
     mods, report = {}, {}
     for name, lazy_mod in adapter.modules.items():
+        if not isinstance(lazy_mod, LoraModule):
+            raise ValidationError(
+                f"resize works on LoRA B·A modules; this one is {lazy_mod.label}", tensor=name
+            )
         mod = lazy_mod.materialized()
         B, A = factors_2d(mod)
         # The scale the new factors are written for: the module's own (1 if it is 0), or s0.
@@ -198,6 +232,15 @@ def resize(
         else:
             U, S, Vh = factored_svd(B, A, mod.scale)
             keep = min(common_rank if common else rule.pick(S), S.numel())
+            if mod.magnitude is not None and keep < mod.rank:
+                # DoRA's magnitude was trained against the norms of W + ΔW; a truncated ΔW
+                # changes them, and what the result means then is not known: refuse.
+                raise ValidationError(
+                    f"a DoRA module cannot be truncated (rank {mod.rank} → {keep}): its "
+                    "magnitude vector belongs to the full ΔW",
+                    tensor=name,
+                    hint="pick a rank rule that keeps it, or --common-rank at or above its rank",
+                )
             squares = S.double().square()
             total = float(squares.sum())
             kept = 1.0 if total == 0.0 else float(squares[:keep].sum()) / total
@@ -209,15 +252,13 @@ def resize(
         if common:
             padded = common_rank - B2.shape[1]
             B2, A2 = _pad(B2, A2, common_rank)
-            new = module_from_2d(mod, B2, A2, s, rslora=rslora0)
+            new = _resized(mod, B2, A2, s, rslora0)
         elif B2.shape[1] == mod.rank:
             # The rule keeps every value: the module as it was, bit for bit (still lazy when
             # it came lazily, so an unchanged module is written from its file, not memory).
             new = lazy_mod
         else:
-            new = module_from_2d(mod, B2, A2, s)
-        if new is not lazy_mod:
-            new = replace(new, A=new.A.to(mod.A.dtype), B=new.B.to(mod.B.dtype))
+            new = _resized(mod, B2, A2, s, mod.rslora)
         mods[name] = new
         report[name] = {
             "rank_before": mod.rank,

@@ -18,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 import loratool
 from loratool import transform as T
 from loratool.adapter import Adapter, LoraModule
+from loratool.errors import ValidationError
 from loratool.formats import save_adapter
 from loratool.rank import RankRule
 
@@ -254,3 +255,23 @@ def test_resize_from_lazy_source_equals_eager(peft_cases, tmp_path):
     back = loratool.load_adapter(tmp_path / "o")
     for name, m in a.modules.items():
         assert torch.equal(back.modules[name].A, m.A) and torch.equal(back.modules[name].B, m.B)
+
+
+def test_dora_is_inspected_padded_but_never_truncated():
+    ad = adapter_of(40, 30, 4)
+    dora = Adapter(
+        {
+            n: LoraModule(n, "linear", m.A, m.B, m.alpha, magnitude=torch.rand(40) + 0.5)
+            for n, m in ad.modules.items()
+        }
+    )
+    rep = T.inspect(dora)
+    assert {m["kind"] for m in rep["modules"]} == {"linear+dora"}
+    assert rep["modules"] == [{**m, "kind": "linear+dora"} for m in T.inspect(ad)["modules"]]
+    with pytest.raises(ValidationError, match="DoRA"):
+        T.resize(dora, RankRule("rank", 2))
+    out, _ = T.resize(dora, RankRule("rank", 6), common_rank=6)  # padding is exact: allowed
+    for name, m in dora.modules.items():
+        new = out.modules[name]
+        assert new.rank == 6 and torch.equal(new.magnitude, m.magnitude)
+        torch.testing.assert_close(new.delta(), m.delta(), rtol=0, atol=1e-7)

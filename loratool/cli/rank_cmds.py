@@ -400,7 +400,7 @@ def resize(ctx, adapters, common_rank, task, as_name, out, force, json_, **rule_
     "--oversample", type=int, default=10, show_default=True, help="Randomized SVD: spare columns."
 )
 @click.option(
-    "--niter", type=int, default=4, show_default=True, help="Randomized SVD: power iterations."
+    "--niter", type=int, default=2, show_default=True, help="Randomized SVD: power iterations."
 )
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Randomized SVD: test-matrix seed."
