@@ -51,7 +51,7 @@ def open_adapter(
         return OpenedAdapter(adapter, spec)
     from .catalog import Catalog
 
-    catalog = Catalog(home)
+    catalog = Catalog(home, read_only_ok=True)
     if not catalog.exists(spec):
         raise NotFoundError(
             "no such file, directory or catalog adapter",

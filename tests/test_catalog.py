@@ -397,6 +397,10 @@ def test_an_older_catalog_is_upgraded_in_place(loratool_home, tmp_path):
             "rank": 4,
             "alpha": 8.0,
             "modules": 0,
+            "params": 0,
+            "dense_params": 0,
+            "bytes": 0,
+            "rslora": 0,
             "created": "2020-01-01T00:00:00+00:00",
             "sha256": "a" * 64,
         }
@@ -523,8 +527,9 @@ def test_add_cleans_stale_temp_files_but_not_live_ones(cat, tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        # A young file whose pid is alive (this process): maybe between create and lock.
-        young = tmp / f"blob-{os.getpid()}-0c.tmp"
+        # A young file not yet under its final name: a writer between create and lock
+        # (a blob-/op- file is locked before it gets its name, so unlocked means stale).
+        young = tmp / f".new-{os.getpid()}-0c"
         young.write_bytes(b"just created")
         cat.add(make_peft_dir(tmp_path / "a"), task="t")
         left = {p.name for p in tmp_files(cat.home)}

@@ -8,11 +8,14 @@ Layout under the home::
 
 A blob is written to ``tmp/``, fsynced and renamed into place, so a blob path only ever holds
 complete bytes. Every file in ``tmp/`` is held under an exclusive ``flock`` by the process that
-created it for as long as it lives; the kernel drops the lock when that process dies, SIGKILL
-included. A file there is *stale* (safe to delete) only when nobody holds its lock **and**
-either its pid is gone or it is older than :data:`STALE_AGE` — the second condition covers the
-instant between a writer creating the file and locking it, so a live writer's file is never
-taken from under it. Without ``fcntl`` (Windows) only the dead-pid-and-old rule applies.
+created it for as long as it keeps it open; the kernel drops the lock when that process closes
+it or dies, SIGKILL included. A file gets its final name only once it is locked (it is created
+as ``.new-<pid>-<token>``, locked, then renamed: a lock belongs to the file, not its name), so
+a ``blob-``/``op-`` file that nobody holds is *stale* — safe to delete, and a sign that recovery
+is due — at once, whether its process died or gave it up alive (an operation that failed and
+could not undo its work). Anything else in ``tmp/`` is stale only when unlocked **and** older
+than :data:`STALE_AGE`. Without ``fcntl`` (Windows) a file is stale when its pid is gone and
+it is older than :data:`STALE_AGE`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import secrets
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CatalogError
@@ -59,16 +63,48 @@ def hang_for_tests(point: str) -> None:
         time.sleep(3600)
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process: a zombie (dead, not yet reaped by its parent) is
+    not, it holds no lock and will write nothing more."""
+    if not pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return True  # no /proc (macOS) or not ours to read: trust kill(0)
+    # "pid (comm) S ...": the state follows the last ')' (comm may hold anything)
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] != b"Z"
+
+
 @contextlib.contextmanager
 def _locked_new_file(path: Path) -> Iterator[int]:
-    """Create ``path`` exclusively and hold an exclusive flock on it while the block runs."""
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+    """Create ``path`` holding an exclusive flock on it while the block runs.
+
+    The file is created under a name no reader treats as ours, locked, and only then renamed
+    to ``path``: a file under its final name is never seen unlocked while its writer lives."""
+    hidden = path.with_name(f".new-{os.getpid()}-{secrets.token_hex(8)}")
+    fd = os.open(hidden, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
     try:
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            os.rename(hidden, path)  # the random token keeps names unique
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(hidden)
+            raise
         yield fd
     finally:
         os.close(fd)  # closing drops the lock
+
+
+@dataclass
+class Operation:
+    """A write operation in progress (see :meth:`BlobStore.operation`)."""
+
+    marker: Path
+    undone: bool = False
 
 
 class BlobStore:
@@ -130,9 +166,11 @@ class BlobStore:
                 hang_for_tests("blob-temp-written")
                 os.replace(tmp, final)
             fsync_dir(final.parent)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+            if isinstance(exc, OSError) and not exc.filename:
+                exc.filename = str(final)  # os.write names no file: "File too large" of what?
             raise
         return sha, True
 
@@ -167,17 +205,27 @@ class BlobStore:
 
     # -- temporary files ----------------------------------------------------------------
     @contextlib.contextmanager
-    def operation(self) -> Iterator[Path]:
-        """Mark a write operation in progress: a locked file in tmp/ that outlives the process
-        only if it dies, telling the next process to run recovery."""
+    def operation(self) -> Iterator[Operation]:
+        """Mark a write operation in progress: a locked file in tmp/ that tells the next
+        process to run recovery if this one does not finish.
+
+        The marker is removed when the block completes, and when it fails only if the caller
+        says it has undone its own work (``op.undone = True``): an interrupted or failed
+        operation (Ctrl-C, a full disk at COMMIT) leaves it for recovery, exactly as a death
+        (SIGKILL, power loss) does."""
         self.tmp.mkdir(parents=True, exist_ok=True)
         marker = self.tmp / f"op-{os.getpid()}-{secrets.token_hex(8)}.lock"
+        op = Operation(marker)
         with _locked_new_file(marker):
             try:
-                yield marker
-            finally:
-                with contextlib.suppress(OSError):
-                    marker.unlink()
+                yield op
+            except BaseException:
+                if op.undone:
+                    with contextlib.suppress(OSError):
+                        marker.unlink()
+                raise
+            with contextlib.suppress(OSError):
+                marker.unlink()
 
     def temp_files(self) -> list[Path]:
         if not self.tmp.is_dir():
@@ -185,19 +233,18 @@ class BlobStore:
         return sorted(p for p in self.tmp.iterdir())
 
     def is_stale(self, path: Path, *, now: float | None = None) -> bool:
-        """True when no live process can be writing ``path`` (see the module docstring)."""
+        """True when no live process holds ``path`` (see the module docstring)."""
         now = time.time() if now is None else now
         m = _TMP_NAME.match(path.name)
         try:
             age = now - path.lstat().st_mtime
         except FileNotFoundError:
             return False
-        pid_gone = m is not None and not pid_alive(int(m.group("pid")))
-        if not (pid_gone or age > STALE_AGE):
-            return False
         if fcntl is None:
-            return pid_gone and age > STALE_AGE
-        if not path.is_file():
+            return m is not None and not _running(int(m.group("pid"))) and age > STALE_AGE
+        if m is None and age <= STALE_AGE:
+            return False  # not ours by name, or one being created this instant
+        if not path.is_file() or path.is_symlink():
             return True
         try:
             fd = os.open(path, os.O_RDONLY)

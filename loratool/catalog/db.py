@@ -26,8 +26,8 @@ Nothing here imports torch at import time: ``list``, ``show`` and ``verify`` nev
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -39,7 +39,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CatalogError, NotFoundError, ValidationError
-from .blobs import BlobStore, hang_for_tests, sha256_file
+from .blobs import BlobStore, hang_for_tests
+from .sqlerrors import (
+    cannot_write,
+    catalog_error,
+    cause,
+    error_name,
+    oserror_cause,
+)
+from .verify import Problem, VerifyReport, adapter_row_problems, module_row_problems
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
@@ -333,38 +341,24 @@ def record_from_adapter(
     )
 
 
-@dataclass(frozen=True)
-class Problem:
-    """One thing ``verify`` found wrong. ``kind`` is a short stable word."""
-
-    kind: str  # corrupt-blob, missing-blob, orphan-blob, stray-file, temp-file, schema, rows
-    subject: str  # a path or an adapter name
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.kind}: {self.subject}: {self.message}"
-
-
-@dataclass
-class VerifyReport:
-    problems: list[Problem]
-    adapters: int
-    blobs: int
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "adapters": self.adapters,
-            "blobs": self.blobs,
-            "problems": [dataclasses.asdict(p) for p in self.problems],
-        }
-
-
 # -- the catalog ------------------------------------------------------------------------
+def _translated(doing: str):
+    """Turn SQLite's errors in a public method into one CatalogError naming the database and
+    the cause (a damaged page, a full disk, a busy lock): never a traceback."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(self, *args, **kwargs):
+            try:
+                return fn(self, *args, **kwargs)
+            except sqlite3.Error as exc:
+                raise catalog_error(exc, self.db_path, doing) from exc
+
+        return inner
+
+    return wrap
+
+
 class Catalog:
     """The adapters in one home: rows in ``catalog.db``, tensors in the blob store.
 
@@ -384,33 +378,93 @@ class Catalog:
         *,
         timeout: float = BUSY_TIMEOUT,
         recover: bool = True,
+        read_only_ok: bool = False,
     ) -> None:
+        """Open (creating it on first use) the catalog in ``home``.
+
+        ``recover``: first undo what processes that died mid-write left (best effort: on a
+        home where nothing can be written it is left for later and said in
+        :attr:`recovery_error`). ``read_only_ok``: the caller only reads, so when the home
+        cannot be written (read-only file system, full disk, no permission) the database is
+        opened read-only instead of failing; :attr:`read_only` then says why, and every write
+        is refused with that reason.
+        """
         self.home = Path(home).expanduser() if home else default_home()
         self.timeout = float(timeout)
+        self.db_path = self.home / DB_NAME
+        self.blobs = BlobStore(self.home / "blobs", self.home / "tmp")
+        self.read_only: str | None = None  # why this catalog was opened read-only
+        self.recovery_error: str | None = None  # why pending recovery could not run
+        self.notes: list[str] = []  # things a reader should be told (the CLI warns)
         try:
             self.home.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CatalogError(
-                f"cannot create the catalog home: {exc.strerror or exc}", file=self.home
+                f"cannot create the catalog home: {oserror_cause(exc)}", file=self.home
             ) from exc
-        self.db_path = self.home / DB_NAME
-        self.blobs = BlobStore(self.home / "blobs", self.home / "tmp")
         try:
-            conn = sqlite3.connect(str(self.db_path), timeout=self.timeout)
+            self._connect()
         except sqlite3.Error as exc:
-            raise CatalogError(f"cannot open: {exc}", file=self.db_path) from exc
+            if not (read_only_ok and cannot_write(exc) and self.db_path.is_file()):
+                raise catalog_error(exc, self.db_path, "cannot open the catalog") from exc
+            self._connect_read_only(cause(exc, self.db_path))
+        if recover:
+            self._recover_if_needed()
+
+    def _connect(self) -> None:
+        conn = sqlite3.connect(str(self.db_path), timeout=self.timeout)
         # No plugins: they would import entry points on every start.
         self.db = sqlite_utils.Database(conn, execute_plugins=False)
         try:
             self._open()
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise CatalogError(f"cannot open: {exc}", file=self.db_path) from exc
         except BaseException:
             conn.close()
             raise
-        if recover:
-            self._recover_if_needed()
+
+    def _connect_read_only(self, why: str) -> None:
+        """Open catalog.db without writing anything: ``mode=ro`` reads a WAL database whose
+        -wal/-shm files exist; ``immutable`` reads the main file alone when even they cannot be
+        made (read-only directory, full disk), which misses changes still in a -wal file."""
+        from urllib.parse import quote
+
+        uri = "file:" + quote(str(self.db_path.absolute()))
+        last: sqlite3.Error | None = None
+        for params in ("mode=ro", "mode=ro&immutable=1"):
+            try:
+                conn = sqlite3.connect(f"{uri}?{params}", uri=True, timeout=self.timeout)
+            except sqlite3.Error as exc:
+                last = exc
+                continue
+            try:
+                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                conn.execute("select count(*) from sqlite_master").fetchone()
+            except sqlite3.Error as exc:
+                conn.close()
+                last = exc
+                continue
+            break
+        else:
+            assert last is not None
+            raise catalog_error(last, self.db_path, "cannot open the catalog even read-only")
+        self.db = sqlite_utils.Database(conn, execute_plugins=False)
+        self.read_only = why
+        if version > SCHEMA_VERSION:
+            self.close()
+            self._refuse_newer(version, [])
+        if version < SCHEMA_VERSION:
+            self.close()
+            raise CatalogError(
+                f"has schema {version} and needs an upgrade to {SCHEMA_VERSION}, which cannot be "
+                f"written: {why}",
+                file=self.db_path,
+                hint="run any loratool command once where the home is writable",
+            )
+        wal = self.db_path.with_name(DB_NAME + "-wal")
+        if "immutable" in params and wal.is_file() and wal.stat().st_size > 0:
+            self.notes.append(
+                f"{self.db_path}: read without its write-ahead log ({why}): changes still in "
+                f"{wal.name} are not shown"
+            )
 
     # -- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
@@ -426,6 +480,8 @@ class Catalog:
         return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
     def _open(self) -> None:
+        # Nothing is written when there is nothing to do: a catalog already in WAL mode and
+        # at the current schema is only read, so readers work where writing is impossible.
         if self.db.journal_mode != "wal":
             self.db.enable_wal()
         version = self._user_version()
@@ -460,40 +516,129 @@ class Catalog:
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite_utils.Database]:
-        """One write transaction holding the write lock from its first statement."""
+        """One write transaction holding the write lock from its first statement.
+
+        SQLite's failures (busy, full disk, read-only, damaged file) come out as one
+        CatalogError naming the database and the cause; the transaction is rolled back."""
+        if self.read_only:
+            raise CatalogError(
+                f"cannot be changed: opened read-only because {self.read_only}",
+                file=self.db_path,
+                hint="free space or make the catalog home writable (--home / LORATOOL_HOME)",
+            )
         conn = self.db.conn
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            raise CatalogError(
-                f"is busy: another process held its write lock for more than {self.timeout:.0f} s ({exc})",
-                file=self.db_path,
-            ) from exc
+            if error_name(exc).startswith("SQLITE_BUSY"):
+                raise CatalogError(
+                    f"is busy: another process held its write lock for more than {self.timeout:.0f} s ({exc})",
+                    file=self.db_path,
+                ) from exc
+            raise catalog_error(exc, self.db_path, "cannot write to the catalog") from exc
         try:
             yield self.db
-        except BaseException:
+            conn.execute("COMMIT")
+        except BaseException as exc:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise catalog_error(exc, self.db_path, "cannot write to the catalog") from exc
             raise
-        else:
-            conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """SQLite's write lock without a change to commit (garbage collection deletes files,
+        never rows): rolled back, so it works even where a COMMIT cannot be written."""
+        if self.read_only:
+            raise CatalogError(
+                f"cannot be changed: opened read-only because {self.read_only}",
+                file=self.db_path,
+            )
+        conn = self.db.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise catalog_error(exc, self.db_path, "cannot lock the catalog") from exc
+        try:
+            yield
+        finally:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        """A consistent view for verify, rolled back after (it writes nothing): under the write
+        lock, so that no add or remove is half-way (an add holds it from writing its blob until
+        its row is committed); where the lock cannot be had (read-only), a read transaction."""
+        conn = self.db.conn
+        try:
+            conn.execute("BEGIN" if self.read_only else "BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+
+    @contextlib.contextmanager
+    def _operation(self) -> Iterator[None]:
+        """A write operation (add, remove): marked by a locked file in tmp/ for its duration.
+
+        If it fails or is interrupted (Ctrl-C, a full disk at COMMIT), this process undoes its
+        own half-done work before leaving: a blob written but never committed, a blob whose
+        rows were deleted but not yet collected. Only when that undo fails too (or the process
+        dies: SIGKILL, power loss) does the marker stay, and the next command to open the
+        catalog runs :meth:`recover`."""
+        with self.blobs.operation() as op:
+            try:
+                yield
+            except BaseException:
+                try:
+                    with self._locked():
+                        self._gc_locked()
+                except BaseException:
+                    pass  # the marker stays: the next command recovers
+                else:
+                    op.undone = True
+                raise
 
     # -- recovery and garbage collection ------------------------------------------------
     def _recover_if_needed(self) -> None:
         try:
-            if self.blobs.stale_temp_files():
-                self.recover()
-        except (OSError, CatalogError, sqlite3.Error):
-            pass  # best effort for read-only homes: the next writer recovers
+            stale = self.blobs.stale_temp_files()
+        except OSError:
+            stale = []
+        if not stale:
+            return
+        try:
+            self.recover()
+        except (OSError, CatalogError, sqlite3.Error) as exc:
+            # Best effort where nothing can be written: say so, and let the next writer recover.
+            why = self.read_only or (
+                oserror_cause(exc)
+                if isinstance(exc, OSError)
+                else getattr(exc, "message", None) or str(exc)
+            )
+            self.recovery_error = (
+                f"a process died in the middle of a change ({len(stale)} file(s) left in "
+                f"{self.blobs.tmp}) and recovery could not run: {why}"
+            )
+            self.notes.append(self.recovery_error)
 
+    @_translated("cannot recover the catalog")
     def recover(self) -> dict[str, list[str]]:
         """Undo what dead processes left: stale temp files and blobs no row refers to.
 
         Runs under the write lock, so no live add is half-way (it holds the lock from writing
         its blob until its row is committed). Returns what was removed."""
         stale = self.blobs.stale_temp_files()
-        with self._write():
+        with self._locked():
             removed = self._gc_locked()
         # Markers go last: if this process dies first, the next one recovers again.
         for p in stale:
@@ -513,11 +658,13 @@ class Catalog:
         return removed
 
     # -- reading ------------------------------------------------------------------------
+    @_translated("cannot read the catalog")
     def exists(self, name: str) -> bool:
         return (
             self.db.execute("select 1 from adapters where name = ?", [name]).fetchone() is not None
         )
 
+    @_translated("cannot read the catalog")
     def count(self) -> int:
         return int(self.db.execute("select count(*) from adapters").fetchone()[0])
 
@@ -530,12 +677,25 @@ class Catalog:
             )
         return row
 
-    @staticmethod
-    def _clean_row(row: dict[str, Any]) -> dict[str, Any]:
+    def _clean_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A row as the library returns it, after checking that it is sound (a tampered or
+        damaged row is one CatalogError naming the adapter and the column)."""
+        problems = adapter_row_problems(row)
+        if problems:
+            self._damaged(row.get("name"), problems)
         row["alpha"] = _num(row["alpha"])
         row["rslora"] = bool(row.get("rslora"))
         return row
 
+    def _damaged(self, name: object, problems: list[str]) -> None:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CatalogError(
+            f"the catalog row of adapter {name!r} is damaged: {problems[0]}{more}",
+            file=self.db_path,
+            hint="`loratool verify` lists every problem; remove the adapter and add it again",
+        )
+
+    @_translated("cannot read the catalog")
     def get(self, name: str) -> dict[str, Any]:
         """The adapter's row, with ``tags`` (a sorted list) and ``meta`` (a dict)."""
         row = self._clean_row(self._row(name))
@@ -550,6 +710,7 @@ class Catalog:
         )
         return row
 
+    @_translated("cannot read the catalog")
     def list(
         self,
         *,
@@ -584,10 +745,14 @@ class Catalog:
             out.append(self._clean_row(row))
         return out
 
+    @_translated("cannot read the catalog")
     def modules(self, name: str) -> list[dict[str, Any]]:
         self._row(name)
         out = []
         for m in self.db.query("select * from modules where adapter = ? order by position", [name]):
+            problems = module_row_problems(m)
+            if problems:
+                self._damaged(name, problems)
             for k in ("a_shape", "b_shape", "base_shape"):
                 m[k] = json.loads(m[k])
             m["alpha"] = _num(m["alpha"])
@@ -596,6 +761,7 @@ class Catalog:
             out.append(m)
         return out
 
+    @_translated("cannot read the catalog")
     def remotes(self, name: str) -> list[dict[str, Any]]:
         return [
             {k: v for k, v in r.items() if k != "adapter"}
@@ -604,6 +770,7 @@ class Catalog:
             )
         ]
 
+    @_translated("cannot read the catalog")
     def info(self, name: str) -> dict[str, Any]:
         """Everything about one adapter: the row, tags, meta, modules and remotes."""
         row = self.get(name)
@@ -611,9 +778,11 @@ class Catalog:
         row["remotes"] = self.remotes(name)
         return row
 
+    @_translated("cannot read the catalog")
     def blob_path(self, name: str) -> Path:
         return self.blobs.path(self._row(name)["sha256"])
 
+    @_translated("cannot read the catalog")
     def load(self, name: str, *, lazy: bool = False) -> Adapter:
         """The adapter, from its blob, which is re-hashed first: a corrupt blob is refused.
 
@@ -637,6 +806,7 @@ class Catalog:
         return adapter
 
     # -- writing ------------------------------------------------------------------------
+    @_translated("cannot add to the catalog")
     def add(
         self,
         source: str | os.PathLike,
@@ -672,6 +842,7 @@ class Catalog:
             replace=replace,
         )
 
+    @_translated("cannot add to the catalog")
     def add_adapter(
         self,
         adapter: Adapter,
@@ -703,7 +874,7 @@ class Catalog:
             source=source,
         )
         record.validate()
-        with self.blobs.operation():
+        with self._operation():
             with self._write():
                 self._check_free(record.name, replace)
                 self.blobs.put(data)
@@ -713,6 +884,7 @@ class Catalog:
             self._collect_garbage()
         return self.get(record.name)
 
+    @_translated("cannot add to the catalog")
     def insert_records(self, records: Iterable[AdapterRecord], *, replace: bool = False) -> int:
         """Insert ready-made records whose blobs are already stored, in one transaction
         (importers, benchmarks). Returns how many."""
@@ -722,7 +894,7 @@ class Catalog:
         names = [r.name for r in recs]
         if len(set(names)) != len(names):
             raise ValidationError("the same name twice in one insert")
-        with self.blobs.operation():
+        with self._operation():
             with self._write():
                 for sha in {r.sha256 for r in recs}:
                     if not self.blobs.exists(sha):
@@ -734,15 +906,18 @@ class Catalog:
                 self._collect_garbage()
         return len(recs)
 
+    @_translated("cannot remove from the catalog")
     def remove(self, name: str) -> dict[str, Any]:
         """Forget an adapter; its blob goes when no other row refers to it. Returns the row."""
-        with self.blobs.operation():
+        with self._operation():
             with self._write():
                 row = self.get(name)
                 self._delete_locked(name)
+            hang_for_tests("row-deleted")
             self._collect_garbage()
         return row
 
+    @_translated("cannot write to the catalog")
     def add_remote(
         self,
         name: str,
@@ -766,6 +941,7 @@ class Catalog:
                 replace=True,
             )
 
+    @_translated("cannot read the catalog")
     def export(
         self, name: str, dest: str | os.PathLike, fmt: str = "peft", *, force: bool = False
     ) -> Path:
@@ -843,162 +1019,25 @@ class Catalog:
     def _collect_garbage(self) -> None:
         """Remove unreferenced blobs and stale temp files, in a transaction of its own."""
         stale = self.blobs.stale_temp_files()
-        with self._write():
+        with self._locked():
             self._gc_locked()
         for p in stale:
             self.blobs.remove_temp(p)
 
     # -- verification -------------------------------------------------------------------
+    @_translated("cannot read the catalog")
     def schema_problems(self) -> list[Problem]:
         """Differences between this database's schema and the one the migrations build."""
-        problems: list[Problem] = []
-        where = str(self.db_path)
-        version = self._user_version()
-        applied = [m.name for m in MIGRATIONS.applied(self.db)]
-        if applied != list(KNOWN_MIGRATIONS):
-            problems.append(
-                Problem(
-                    "schema",
-                    where,
-                    f"migrations recorded {applied}, expected {list(KNOWN_MIGRATIONS)}",
-                )
-            )
-        if version != SCHEMA_VERSION:
-            problems.append(
-                Problem("schema", where, f"user_version is {version}, expected {SCHEMA_VERSION}")
-            )
-        ref = sqlite_utils.Database(memory=True, execute_plugins=False)
-        MIGRATIONS.apply(ref)
-        want, have = _schema_of(ref), _schema_of(self.db)
-        ref.close()
-        for table in sorted(set(want) | set(have)):
-            if table not in have:
-                problems.append(Problem("schema", where, f"table {table} is missing"))
-            elif table not in want:
-                problems.append(Problem("schema", where, f"unexpected table {table}"))
-            else:
-                wc, hc = want[table]["columns"], have[table]["columns"]
-                if wc != hc:
-                    problems.append(
-                        Problem("schema", where, f"table {table} has columns {hc}, expected {wc}")
-                    )
-                wi, hi = want[table]["indexes"], have[table]["indexes"]
-                for idx in sorted(set(wi) - set(hi)):
-                    problems.append(Problem("schema", where, f"index {idx} on {table} is missing"))
-                for idx in sorted(set(hi) - set(wi)):
-                    problems.append(Problem("schema", where, f"unexpected index {idx} on {table}"))
-                for idx in sorted(set(wi) & set(hi)):
-                    if wi[idx] != hi[idx]:
-                        problems.append(
-                            Problem(
-                                "schema",
-                                where,
-                                f"index {idx} on {table} is {hi[idx]}, expected {wi[idx]}",
-                            )
-                        )
-        return problems
+        from .verify import schema_problems
+
+        return schema_problems(self)
 
     def verify(self) -> VerifyReport:
-        """Re-hash every blob; match rows to blobs; find temp files and schema drift."""
-        problems = self.schema_problems()
-        rows: dict[str, str] = {}
-        with self._write():  # a snapshot in which no add or remove is half-way
-            try:
-                rows = dict(self.db.execute("select name, sha256 from adapters").fetchall())
-                counts = dict(
-                    self.db.execute(
-                        "select adapter, count(*) from modules group by adapter"
-                    ).fetchall()
-                )
-                for name, n in self.db.execute("select name, modules from adapters"):
-                    if counts.get(name, 0) != n:
-                        problems.append(
-                            Problem(
-                                "rows",
-                                name,
-                                f"row says {n} modules, {counts.get(name, 0)} module rows",
-                            )
-                        )
-                for table in ("modules", "tags", "meta", "remotes"):
-                    for (name,) in self.db.execute(
-                        f"select distinct adapter from {table} where adapter not in (select name from adapters)"
-                    ):
-                        problems.append(
-                            Problem(
-                                "rows", name, f"rows in {table} for an adapter that does not exist"
-                            )
-                        )
-            except sqlite3.Error as exc:
-                problems.append(
-                    Problem("schema", str(self.db_path), f"cannot read the rows: {exc}")
-                )
-            files = list(self.blobs.iter_files())
-            temps = self.blobs.stale_temp_files()
-        by_sha: dict[str, list[str]] = {}
-        for name, sha in rows.items():
-            by_sha.setdefault(sha, []).append(name)
-        present = set()
-        for sha, path in files:
-            if sha is None:
-                problems.append(
-                    Problem(
-                        "stray-file", str(path), "not a blob (name is not <sha256>.safetensors)"
-                    )
-                )
-                continue
-            present.add(sha)
-            if sha not in by_sha:
-                problems.append(Problem("orphan-blob", str(path), "no adapter refers to this blob"))
-                continue
-            try:
-                got = sha256_file(path)
-            except FileNotFoundError:
-                continue  # removed since the snapshot, with its rows
-            if got != sha:
-                problems.append(
-                    Problem(
-                        "corrupt-blob",
-                        str(path),
-                        f"sha256 is {got}, not its name; adapters {', '.join(sorted(by_sha[sha]))} are damaged",
-                    )
-                )
-        for sha, names in sorted(by_sha.items()):
-            if sha not in present:
-                for name in sorted(names):
-                    problems.append(
-                        Problem(
-                            "missing-blob", name, f"its blob {self.blobs.path(sha)} does not exist"
-                        )
-                    )
-        for p in temps:
-            problems.append(
-                Problem("temp-file", str(p), "left by a process that died; the next add removes it")
-            )
-        return VerifyReport(problems, adapters=len(rows), blobs=len(present))
+        """Every problem: damaged pages, schema drift, bad rows, corrupt/missing/orphan blobs,
+        temp files of dead processes. Repairs nothing (opening the catalog recovers)."""
+        from .verify import verify
 
-
-def _schema_of(db: sqlite_utils.Database) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    tables = [
-        r[0]
-        for r in db.execute(
-            "select name from sqlite_master where type = 'table' and name not like 'sqlite_%'"
-        )
-    ]
-    for t in tables:
-        cols = [
-            (c[1], (c[2] or "").upper(), bool(c[3]), c[5])
-            for c in db.execute(f'PRAGMA table_info("{t}")')
-        ]
-        indexes = {}
-        for idx in db.execute(f'PRAGMA index_list("{t}")').fetchall():
-            iname, unique = idx[1], bool(idx[2])
-            if iname.startswith("sqlite_autoindex"):
-                iname = f"(primary key of {t})"
-            icols = [c[2] for c in db.execute(f'PRAGMA index_info("{idx[1]}")')]
-            indexes[iname] = (icols, unique)
-        out[t] = {"columns": cols, "indexes": indexes}
-    return out
+        return verify(self)
 
 
 def adapter_from_blob(data: bytes, *, source: object) -> Adapter:

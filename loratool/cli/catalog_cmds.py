@@ -7,17 +7,23 @@ from __future__ import annotations
 import click
 
 from ..units import human_count, human_size
-from .options import emit_json, home_from, json_option
+from .options import emit_json, home_from, json_option, sanitize
 
 # rich lays a table out cell by cell, about 0.5 ms a row: 9 s for 10,000 adapters. Above this
 # many rows ``list`` prints the same columns as plain aligned text, which takes milliseconds.
 RICH_ROWS = 100
 
 
-def _catalog(ctx: click.Context, **kw):
+def _catalog(ctx: click.Context, *, read: bool = False):
+    """The catalog; ``read``: the command only reads, so a home where nothing can be written
+    (read-only, full disk) is opened read-only. What the reader should know (recovery that
+    could not run, a write-ahead log that could not be read) is said on stderr."""
     from ..catalog import Catalog
 
-    return Catalog(home_from(ctx), **kw)
+    cat = Catalog(home_from(ctx), read_only_ok=read)
+    for note in cat.notes:
+        click.echo(f"warning: {sanitize(note)}", err=True)
+    return cat
 
 
 def _parse_meta(values: tuple[str, ...]) -> dict[str, str]:
@@ -50,7 +56,7 @@ def _plain_table(columns, rows) -> None:
 
     names = [c if isinstance(c, str) else c[0] for c in columns]
     right = [not isinstance(c, str) and c[1] == "right" for c in columns]
-    cells = [tuple("" if v is None else str(v) for v in r) for r in rows]
+    cells = [tuple("" if v is None else sanitize(v, cell=True) for v in r) for r in rows]
     widths = [
         max(len(n), max((len(v) for v in col), default=0))
         for n, col in zip(names, zip(*cells, strict=True), strict=False)
@@ -144,7 +150,7 @@ def list_(ctx, task, base_model, tags, json_):
       loratool list --task summarize
       loratool list --tag v1 --json
     """
-    cat = _catalog(ctx)
+    cat = _catalog(ctx, read=True)
     try:
         rows = cat.list(task=task, base_model=base_model, tag=tags)
         home = cat.home
@@ -213,7 +219,7 @@ def show(ctx, name, json_):
     Example:
       loratool show summarize-lora
     """
-    cat = _catalog(ctx)
+    cat = _catalog(ctx, read=True)
     try:
         info = cat.info(name)
         blob = str(cat.blobs.path(info["sha256"]))
@@ -338,7 +344,7 @@ def export(ctx, name, dest, fmt, force):
       loratool export summarize-lora ./out/summarize --format peft
       loratool export summarize-lora ./out/summarize.safetensors --format kohya
     """
-    cat = _catalog(ctx)
+    cat = _catalog(ctx, read=True)
     try:
         path = cat.export(name, dest, fmt, force=force)
     finally:
@@ -361,7 +367,7 @@ def verify(ctx, json_):
     Example:
       loratool verify
     """
-    cat = _catalog(ctx, recover=False)
+    cat = _catalog(ctx, read=True)  # recovers first (best effort where it cannot write)
     try:
         report = cat.verify()
         home = cat.home

@@ -76,7 +76,7 @@ def _source_task(ctx, spec: str) -> str | None:
         return None
     from ..catalog import Catalog
 
-    cat = Catalog(home_from(ctx))
+    cat = Catalog(home_from(ctx), read_only_ok=True)
     return cat.get(spec)["task"] if cat.exists(spec) else None
 
 

@@ -105,7 +105,7 @@ def savings(ctx, names, base_path, config_path, rank, targets, dtype, json_):
     from ..errors import NotFoundError
     from ..savings import report
 
-    cat = Catalog(home_from(ctx))
+    cat = Catalog(home_from(ctx), read_only_ok=True)
     if names:
         rows = []
         for n in names:
