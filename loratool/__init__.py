@@ -13,23 +13,36 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .adapter import Adapter, AdapterMeta, LoraModule, delta_from_factors
-from .errors import LoratoolError
-from .formats import detect_format, load_adapter, resolve, save_adapter
-from .tensors.header import BaseIndex, read_base, read_header
+# The public names load on first use (PEP 562), so that `import loratool.cli` for a command
+# costs nothing here and the console script can take Ctrl-C from its first instant.
+_EXPORTS = {
+    "Adapter": ".adapter",
+    "AdapterMeta": ".adapter",
+    "LoraModule": ".adapter",
+    "delta_from_factors": ".adapter",
+    "LoratoolError": ".errors",
+    "detect_format": ".formats",
+    "load_adapter": ".formats",
+    "resolve": ".formats",
+    "save_adapter": ".formats",
+    "BaseIndex": ".tensors.header",
+    "read_base": ".tensors.header",
+    "read_header": ".tensors.header",
+}
 
-__all__ = [
-    "__version__",
-    "Adapter",
-    "AdapterMeta",
-    "LoraModule",
-    "BaseIndex",
-    "LoratoolError",
-    "delta_from_factors",
-    "detect_format",
-    "load_adapter",
-    "read_base",
-    "read_header",
-    "resolve",
-    "save_adapter",
-]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'loratool' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -11,7 +11,6 @@ with a one-line message that names the repo and says what to do, raised ``from``
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -19,20 +18,13 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from .errors import HubError, LoratoolError, NotFoundError, ValidationError
-
-DEFAULT_PULL_PATTERNS: tuple[str, ...] = (
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "*.safetensors",
-    "README.md",
-)
+from .redact import register_secret, scrub, scrub_exception
 
 # The Hub's rules for a namespace or repo name (huggingface_hub's validate_repo_id, made strict:
 # loratool always wants OWNER/NAME, never a bare canonical name).
 _PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?", re.ASCII)
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 _REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]*", re.ASCII)
-_TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9_]{6,}")
 _SPEC_HINT = "expected OWNER/NAME or OWNER/NAME@REVISION"
 
 
@@ -157,25 +149,37 @@ def push_folder(
 def pull_files(
     spec: str,
     *,
-    allow_patterns: Iterable[str] = DEFAULT_PULL_PATTERNS,
+    allow_patterns: Iterable[str] | None = None,
     token: str | None = None,
     tqdm_class: type | None = None,
+    into: Path | None = None,
 ) -> tuple[Path, dict]:
-    """Download the files of ``spec`` (``OWNER/NAME`` or ``OWNER/NAME@REV``) that match
-    ``allow_patterns`` into the Hub cache.
+    """Download the adapter files of ``spec`` (``OWNER/NAME`` or ``OWNER/NAME@REV``) through
+    the Hugging Face cache, each checked against the hash the Hub advertises for it.
 
-    The revision (``main`` by default) is resolved to a commit once, and that exact commit is
-    downloaded, so a branch that moves meanwhile cannot mix two commits' files. Returns the
-    snapshot directory and ``{"repo", "revision", "commit", "files"}``.
+    Only what an adapter needs is fetched, from the top of the repository: a PEFT layout's
+    ``adapter_config.json`` and ``adapter_model.safetensors``, else its one ``*.safetensors``
+    file; ``allow_patterns`` chooses top-level files by name instead. The revision (``main`` by
+    default) is resolved to a commit once, and that exact commit is downloaded, so a branch
+    that moves meanwhile cannot mix two commits' files.
+
+    Every file's bytes must hash to what the Hub promised (the LFS sha256, else the git blob
+    id, and the ETag the cache files them under); a file that does not is refused and removed
+    from the cache. ``into``: a directory to copy the verified bytes into (a staging area the
+    caller reads from, so what it loads is what was checked); the path returned is then
+    ``into``, else the snapshot directory in the cache. Returns it and ``{"repo", "revision",
+    "commit", "files"}``.
 
     Quiet by default; ``tqdm_class`` (a tqdm subclass) is huggingface_hub's progress hook, for a
     caller that wants to show progress.
     """
     repo_id, revision = parse_repo_spec(spec)
     revision = revision or "main"
-    patterns = [allow_patterns] if isinstance(allow_patterns, str) else list(allow_patterns)
+    patterns = None
+    if allow_patterns is not None:
+        patterns = [allow_patterns] if isinstance(allow_patterns, str) else list(allow_patterns)
 
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub import constants as hf_constants
 
     api = HfApi(token=token)
@@ -183,37 +187,214 @@ def pull_files(
     timeout = hf_constants.HF_HUB_ETAG_TIMEOUT
     with _hub_errors(label, api.endpoint, token):
         commit = api.repo_info(repo_id, revision=revision, timeout=timeout).sha
-        if not commit:
-            raise HubError("the Hub did not say which commit this is", file=label)
-        snapshot = Path(
-            snapshot_download(
-                repo_id,
-                revision=commit,
-                allow_patterns=patterns,
-                token=token,
-                etag_timeout=timeout,
-                endpoint=api.endpoint,
-                tqdm_class=tqdm_class or _quiet_tqdm(),
+        if not isinstance(commit, str) or not _COMMIT_SHA.fullmatch(commit):
+            raise HubError(
+                f"the Hub answered {_shown(commit)} for the commit of this revision, not a "
+                "40-character sha",
+                file=label,
+                hint="check HF_ENDPOINT",
             )
-        )
-    # The snapshot directory is shared by every pull of this commit, so it may also hold files
-    # an earlier pull with other patterns fetched: report the ones these patterns match.
-    from huggingface_hub.utils import filter_repo_objects
+        wanted = _choose_files(api, repo_id, commit, patterns, label)
+        paths = []
+        for entry in wanted:
+            _check_metadata(api, repo_id, commit, entry, token, label)
+            path = Path(
+                hf_hub_download(
+                    repo_id,
+                    entry.path,
+                    revision=commit,
+                    token=token,
+                    etag_timeout=timeout,
+                    endpoint=api.endpoint,
+                    tqdm_class=tqdm_class or _quiet_tqdm(),
+                )
+            )
+            paths.append((entry, path))
+    snapshot = paths[0][1].parent
+    for entry, path in paths:
+        _verify_download(entry, path, snapshot, commit, label, into)
+    files = sorted(entry.path for entry, _ in paths)
+    return (Path(into) if into is not None else snapshot), {
+        "repo": repo_id,
+        "revision": revision,
+        "commit": commit,
+        "files": files,
+    }
 
-    present = (
-        [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
-        if snapshot.is_dir()
-        else []
+
+# What pull reads whole into memory besides the tensors: a config larger than this is not one.
+MAX_CONFIG_BYTES = 16 << 20
+# How many top-level entries pull looks through for the adapter's files.
+MAX_LISTING = 10_000
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._ +-]{0,254}")
+
+
+def _shown(value: object) -> str:
+    """A value a server sent, safe to put in a message: repr'd (no control characters) and
+    cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _choose_files(api, repo_id: str, commit: str, patterns, label: str) -> list:
+    """The top-level files pull needs (RepoFile entries, with their sizes and hashes)."""
+    from fnmatch import fnmatchcase
+
+    from huggingface_hub.hf_api import RepoFile
+
+    top: dict[str, RepoFile] = {}
+    for n, entry in enumerate(api.list_repo_tree(repo_id, revision=commit, recursive=False)):
+        if n >= MAX_LISTING:
+            raise HubError(
+                f"the repository's top level lists more than {MAX_LISTING} entries",
+                file=label,
+                hint="an adapter repo holds a few files; is this the right repo?",
+            )
+        path = getattr(entry, "path", None)
+        if not isinstance(entry, RepoFile) or not isinstance(path, str):
+            continue
+        if "/" in path or "\\" in path or not _SAFE_NAME.fullmatch(path) or ".." in path:
+            continue  # not a top-level file we could ever want; never a path to write
+        top[path] = entry
+    if patterns is not None:
+        chosen = [
+            e for name, e in sorted(top.items()) if any(fnmatchcase(name, p) for p in patterns)
+        ]
+        if not chosen:
+            raise HubError(
+                f"no top-level file matches {', '.join(patterns)} at commit {commit[:12]}",
+                file=label,
+            )
+    elif "adapter_config.json" in top:
+        if "adapter_model.safetensors" not in top:
+            raise HubError(
+                f"adapter_config.json but no adapter_model.safetensors at commit {commit[:12]}",
+                file=label,
+                hint="a PEFT adapter repo holds both (pickled adapter_model.bin is never read)",
+            )
+        chosen = [top["adapter_config.json"], top["adapter_model.safetensors"]]
+    else:
+        tensors = [e for name, e in sorted(top.items()) if name.endswith(".safetensors")]
+        if len(tensors) != 1:
+            found = ", ".join(e.path for e in tensors[:5]) or "none"
+            raise HubError(
+                f"no adapter_config.json, and not exactly one .safetensors file at the top of "
+                f"commit {commit[:12]} (found: {found})",
+                file=label,
+                hint="is this a LoRA adapter repo? a PEFT one holds adapter_config.json and "
+                "adapter_model.safetensors",
+            )
+        chosen = tensors
+    for e in chosen:
+        size = getattr(e, "size", None)
+        if not isinstance(size, int) or size < 0:
+            raise HubError(f"the Hub lists {e.path} without a valid size", file=label)
+        if e.path.endswith(".json") and size > MAX_CONFIG_BYTES:
+            raise HubError(
+                f"{e.path} is {size} bytes; a config is at most {MAX_CONFIG_BYTES}", file=label
+            )
+    return chosen
+
+
+def _promised(entry, label: str) -> tuple[str, str]:
+    """("sha256" | "git-sha1", hex): the hash the listing promises for the file's bytes."""
+    lfs = getattr(entry, "lfs", None)
+    sha = getattr(lfs, "sha256", None) if lfs is not None else None
+    if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha):
+        return "sha256", sha
+    oid = getattr(entry, "blob_id", None)
+    if isinstance(oid, str) and re.fullmatch(r"[0-9a-f]{40}", oid):
+        return "git-sha1", oid
+    raise HubError(f"the Hub lists {entry.path} without a hash to check it against", file=label)
+
+
+def _check_metadata(api, repo_id: str, commit: str, entry, token, label: str) -> None:
+    """Ask for the file's headers before huggingface_hub does, and refuse what it would use
+    as paths in the cache (the commit, the ETag) unless they are plain hashes."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    meta = get_hf_file_metadata(
+        hf_hub_url(repo_id, entry.path, revision=commit, endpoint=api.endpoint), token=token
     )
-    files = sorted(filter_repo_objects(present, allow_patterns=patterns))
-    if not files:
+    if meta.commit_hash != commit:
         raise HubError(
-            f"no file matches {', '.join(patterns)} at commit {commit[:12]}",
+            f"the Hub served {entry.path} from commit {_shown(meta.commit_hash)}, not "
+            f"{commit[:12]}: refused",
             file=label,
-            hint="is this a LoRA adapter repo? a PEFT one holds adapter_config.json and "
-            "adapter_model.safetensors",
+            hint="check HF_ENDPOINT; a Hub serves a commit's files from that commit",
         )
-    return snapshot, {"repo": repo_id, "revision": revision, "commit": commit, "files": files}
+    if not isinstance(meta.etag, str) or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", meta.etag):
+        raise HubError(
+            f"the Hub's ETag for {entry.path} is {_shown(meta.etag)}, not a hash: refused",
+            file=label,
+            hint="check HF_ENDPOINT",
+        )
+    kind, value = _promised(entry, label)
+    if (kind == "sha256" and meta.etag != value) or (
+        meta.size is not None and meta.size != entry.size
+    ):
+        raise HubError(
+            f"the Hub's headers for {entry.path} (ETag {meta.etag[:12]}…, {meta.size} bytes) "
+            f"disagree with its listing ({value[:12]}…, {entry.size} bytes): refused",
+            file=label,
+        )
+
+
+def _verify_download(entry, path: Path, snapshot: Path, commit: str, label: str, into) -> None:
+    """Hash the cached file (copying it into ``into`` on the way); on a mismatch remove it
+    from the cache (the snapshot's link and the blob it names) and from ``into``."""
+    import hashlib
+
+    kind, promised = _promised(entry, label)
+    sha256, git = hashlib.sha256(), hashlib.sha1()
+    size = 0
+    dest = Path(into) / entry.path if into is not None else None
+    if snapshot.name != commit or path.parent != snapshot or path.name != entry.path:
+        raise HubError(
+            f"huggingface_hub stored {entry.path} at an unexpected place: {path}", file=label
+        )
+    try:
+        real = path.resolve(strict=True)
+        git.update(b"blob %d\0" % real.stat().st_size)
+        with open(real, "rb") as src, open(dest, "xb") if dest is not None else _Null() as out:
+            while chunk := src.read(1 << 20):
+                sha256.update(chunk)
+                git.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+    except OSError as exc:
+        raise HubError(
+            f"cannot read the downloaded {entry.path}: {exc.strerror or exc}", file=label
+        ) from exc
+    got = sha256.hexdigest() if kind == "sha256" else git.hexdigest()
+    etag = real.name  # huggingface_hub names the blob by the ETag it was promised
+    etag_ok = etag == (sha256.hexdigest() if len(etag) == 64 else git.hexdigest())
+    if got == promised and size == entry.size and etag_ok:
+        return
+    for p in (path, real, dest):
+        if p is not None:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+    with_etag = "" if etag_ok else f" (nor the ETag {etag[:12]}… it was cached under)"
+    raise HubError(
+        f"downloaded {entry.path} ({size} bytes) does not match the {kind} the Hub promised "
+        f"({promised[:12]}…, {entry.size} bytes){with_etag}: refused and removed from the cache",
+        file=label,
+        hint="retry; if it persists, the endpoint or something between is altering files",
+    )
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, data) -> None:
+        pass
 
 
 def _quiet_tqdm() -> type:
@@ -233,11 +414,14 @@ def _quiet_tqdm() -> type:
 
 @contextmanager
 def _hub_errors(label: str, endpoint: str, token: str | None) -> Iterator[None]:
+    register_secret(token)
     try:
         yield
     except LoratoolError:
         raise
     except Exception as exc:
+        # The original stays chained (for --debug): masked first, and everything behind it.
+        scrub_exception(exc)
         if not _is_hub_failure(exc):
             raise
         message, hint = _describe(exc, label, _safe_endpoint(endpoint))
@@ -319,6 +503,13 @@ def _describe(exc: BaseException, label: str, endpoint: str) -> tuple[str, str |
             f"{endpoint} did not answer like a Hugging Face Hub: {_first_line(exc)}",
             "check HF_ENDPOINT",
         )
+    if isinstance(exc, OSError) and exc.errno is None and type(exc) is OSError:
+        # raised by huggingface_hub itself, not by the system: a download that came out the
+        # wrong size (its consistency check), ...
+        return (
+            f"the download failed: {_first_line(exc)}",
+            "retry; if it persists, the endpoint or something between is altering files",
+        )
     if isinstance(exc, OSError) and not isinstance(exc, (e.HfHubHTTPError, httpx2.HTTPError)):
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         return (
@@ -378,20 +569,5 @@ def _scrub(text: str | None, token: str | None) -> str | None:
     """Belt and braces: no message may carry a token, whatever a server or library put in it."""
     if text is None:
         return None
-    # The token huggingface_hub would have used: the environment's, or the stored login's.
-    # (Read directly: get_token() may exchange an OIDC token over the network.)
-    secrets = {
-        t
-        for t in (token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN"))
-        if t
-    }
-    try:
-        from huggingface_hub import constants
-
-        secrets.add(Path(constants.HF_TOKEN_PATH).read_text().strip())
-    except Exception:  # no stored login; finding the token must never mask the error reported
-        pass
-    for secret in sorted(secrets, key=len, reverse=True):
-        if len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return _TOKEN_LIKE.sub("hf_***", text)
+    register_secret(token)
+    return scrub(text)

@@ -12,6 +12,12 @@ for an LFS batch or a Xet token; ``/resolve`` never sends ``X-Xet-Hash``, so dow
 HTTP GETs. A request that still reaches an LFS or Xet route is answered 501 and recorded in
 ``server.unsupported`` so a test can fail on it. Only model repos; no tags, no pull requests.
 
+For the hostile-server tests it can misbehave on request: ``lfs=True`` serves ``*.safetensors``
+the way the Hub serves LFS files (the tree lists ``lfs.oid`` = sha256, ``/resolve`` sends
+``X-Linked-Etag`` / ``X-Linked-Size``), ``tamper`` serves other bytes than the ones it
+advertises for a path, ``resolve_headers`` overrides headers of ``/resolve`` answers, and
+``hooks`` may answer any request themselves (echo its headers, stall, ...).
+
 Access rules follow the Hub:
 
 - a token the server does not know → 401 ``Invalid credentials in Authorization header``, on any
@@ -62,6 +68,14 @@ _BRANCH_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]*", re.ASCII)
 def git_blob_oid(data: bytes) -> str:
     """The id git (and the Hub's tree API) gives a file: sha1 of ``blob <size>\\0<content>``."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(data: bytes) -> bytes:
+    """The git-lfs pointer file that stands for ``data`` in the git tree."""
+    sha = hashlib.sha256(data).hexdigest()
+    return (
+        f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha}\nsize {len(data)}\n".encode()
+    )
 
 
 def _now() -> str:
@@ -153,6 +167,12 @@ class HubServer(ThreadingHTTPServer):
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status); no headers kept
         self.unsupported: list[str] = []  # LFS / Xet / PR routes the client should never reach
         self.faults: list[_Fault] = []
+        # misbehaviour, for the hostile-server tests (see the module docstring)
+        self.lfs = False
+        self.tamper: dict[str, bytes] = {}  # path in repo → bytes served instead
+        self.resolve_headers: dict[str, str] = {}
+        # (method, path fragment, fn(handler) → True when it answered the request itself)
+        self.hooks: list[tuple[str, str, object]] = []
         host, port = self.server_address[:2]
         self.endpoint = f"http://{host}:{port}"
 
@@ -226,6 +246,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.status = 500
         try:
             self._fault()
+            if self._hooked():
+                return
             self._route([s for s in split.path.split("/")[1:]])
         except _Reply as reply:
             self._send_error(reply)
@@ -233,6 +255,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(_Reply(500, f"loopback hub error: {type(exc).__name__}: {exc}"))
         with self.server.lock:
             self.server.requests.append((method, self.raw_path, self.status))
+
+    def _hooked(self) -> bool:
+        for method, fragment, fn in list(self.server.hooks):
+            if method == self.method and fragment in self.raw_path and fn(self):
+                with self.server.lock:
+                    self.server.requests.append((self.method, self.raw_path, self.status))
+                return True
+        return False
 
     def _fault(self) -> None:
         with self.server.lock:
@@ -522,11 +552,7 @@ class _Handler(BaseHTTPRequestHandler):
             }
             for d, members in sorted(dirs.items())
             if wanted(d)
-        ] + [
-            {"type": "file", "oid": git_blob_oid(data), "size": len(data), "path": p}
-            for p, data in sorted(commit.files.items())
-            if wanted(p)
-        ]
+        ] + [self._file_entry(p, data) for p, data in sorted(commit.files.items()) if wanted(p)]
         entries.sort(key=lambda e: e["path"])
         # Paginated like the Hub: a Link header names the next page while there is one.
         start = int(self.query.get("cursor", ["0"])[-1])
@@ -539,6 +565,22 @@ class _Handler(BaseHTTPRequestHandler):
                 f'<{self.server.endpoint}{self.raw_path}?{urlencode(params)}>; rel="next"'
             )
         self._send_json(page, headers=headers)
+
+    def _is_lfs(self, path: str) -> bool:
+        return self.server.lfs and path.endswith(".safetensors")
+
+    def _file_entry(self, path: str, data: bytes) -> dict:
+        if not self._is_lfs(path):
+            return {"type": "file", "oid": git_blob_oid(data), "size": len(data), "path": path}
+        sha = hashlib.sha256(data).hexdigest()
+        pointer = lfs_pointer(data)
+        return {
+            "type": "file",
+            "oid": git_blob_oid(pointer),
+            "size": len(data),
+            "path": path,
+            "lfs": {"oid": sha, "size": len(data), "pointerSize": len(pointer)},
+        }
 
     def _refs(self, repo_id: str) -> None:
         repo, _ = self._repo_for_read(repo_id)
@@ -683,6 +725,13 @@ class _Handler(BaseHTTPRequestHandler):
             "Accept-Ranges": "bytes",
             "Content-Disposition": f"inline; filename*=UTF-8''{quote(name)}",
         }
+        if self._is_lfs(path):
+            # the Hub: the ETag is the pointer file's, X-Linked-Etag the content's sha256
+            headers["ETag"] = f'"{git_blob_oid(lfs_pointer(data))}"'
+            headers["X-Linked-Etag"] = f'"{hashlib.sha256(data).hexdigest()}"'
+            headers["X-Linked-Size"] = str(len(data))
+        headers.update(self.server.resolve_headers)
+        data = self.server.tamper.get(path, data)  # advertised as above, served as tampered
         status, body = 200, data
         rng = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", "").strip())
         if rng and (rng.group(1) or rng.group(2)):

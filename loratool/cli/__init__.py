@@ -6,6 +6,7 @@ commands (list, show, savings, verify) start without torch.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import importlib.util
 import os
@@ -42,7 +43,20 @@ class CLIError(click.ClickException):
     exit_code = 1
 
     def show(self, file=None) -> None:
-        click.echo(f"error: {self.message}", err=True)
+        from ..redact import scrub
+        from .options import sanitize
+
+        text = " ".join(sanitize(scrub(self.message)).split())
+        click.echo(f"error: {text}", err=True)
+
+
+class Interrupted(CLIError):
+    """Ctrl-C: the cleanups on the way out have run; one line, exit 130 (128 + SIGINT)."""
+
+    exit_code = 130
+
+    def __init__(self) -> None:
+        super().__init__("interrupted")
 
 
 def debug_enabled(ctx: click.Context | None = None) -> bool:
@@ -50,6 +64,66 @@ def debug_enabled(ctx: click.Context | None = None) -> bool:
         return True
     root = ctx.find_root() if ctx else None
     return bool(root and root.obj and root.obj.get("debug"))
+
+
+def describe(exc: BaseException) -> str:
+    """The one line an exception that reached the CLI is shown as (secrets not yet masked)."""
+    import sqlite3
+
+    if isinstance(exc, LoratoolError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        # Disk full, permission denied, file too large: the path and the cause.
+        from ..catalog.sqlerrors import oserror_cause
+
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        return f"{where}{oserror_cause(exc)}"
+    if isinstance(exc, sqlite3.Error):
+        return f"the catalog database failed: {exc}"
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    if isinstance(exc, RecursionError):
+        return "input nested too deeply to be processed"
+    first = (str(exc).splitlines() or [""])[0][:300]
+    return (
+        f"internal error: {type(exc).__name__}: {first} "
+        "(a bug in loratool: rerun with --debug for the traceback and report it)"
+    )
+
+
+def print_traceback(exc: BaseException) -> None:
+    """--debug: the whole traceback, chained exceptions and notes included, secrets masked."""
+    import traceback
+
+    from ..redact import scrub, scrub_exception
+
+    scrub_exception(exc)
+    text = "".join(traceback.format_exception(exc))
+    sys.stderr.write(scrub(text))
+    sys.stderr.flush()
+
+
+class _Scrubbed:
+    """A text stream that masks the Hub token in whatever passes through it (loratool's own
+    output, a library's warning, a server's words in a JSON document): the last line of
+    defence, behind the scrubbing of every error at its source."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._secrets: set[str] | None = None
+
+    def write(self, text):
+        if isinstance(text, str) and text:
+            from ..redact import known_secrets, scrub
+
+            if self._secrets is None:
+                self._secrets = known_secrets()
+            self._stream.write(scrub(text, self._secrets))
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 class LazyGroup(click.Group):
@@ -67,19 +141,47 @@ class LazyGroup(click.Group):
         module, attr = spec.split(":")
         return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click's main, except that Ctrl-C is ``error: interrupted`` and exit 130 wherever it
+        lands (click would print "Aborted!" and exit 1)."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            Interrupted().show()
+            sys.exit(Interrupted.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except OSError as exc:
+            if exc.errno != errno.EPIPE:
+                raise
+            sys.exit(1)  # the reader went away (`| head`): nothing more to say
+        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
+
     def invoke(self, ctx):
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Scrubbed(out), _Scrubbed(err)
+        try:
+            return self._invoke(ctx)
+        finally:
+            sys.stdout, sys.stderr = out, err
+
+    def _invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except LoratoolError as exc:
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # click's own flow: usage errors, --help, ctx.exit
+        except KeyboardInterrupt:
+            raise Interrupted() from None
+        except Exception as exc:
+            # One place for every failure: one line (or, with --debug, the traceback), never a
+            # secret, never a raw terminal escape from a file's contents.
             if debug_enabled(ctx):
-                raise
-            raise CLIError(str(exc)) from exc
-        except OSError as exc:
-            # Disk full, permission denied, … : one line naming the file, not a traceback.
-            if debug_enabled(ctx):
-                raise
-            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-            raise CLIError(f"{where}{exc.strerror or exc}") from exc
+                print_traceback(exc)
+                ctx.exit(1)
+            raise CLIError(describe(exc)) from exc
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -114,6 +216,10 @@ def main() -> None:
     except SystemExit as exc:
         _fast_exit(exc.code)
         raise
+    except KeyboardInterrupt:  # after click let go (its teardown): same line, same code
+        Interrupted().show()
+        _fast_exit(130)
+        raise SystemExit(130) from None
     _fast_exit(0)
 
 

@@ -69,13 +69,15 @@ def push(ctx, name, repo, private, revision, message, json_):
 def pull(ctx, spec, task, name, replace, json_):
     """Download an adapter from the Hub into the catalog.
 
-    Only the adapter files are fetched (into the Hugging Face cache); they are validated like
-    any `add`, and the source is recorded as repo@commit.
+    Only the files the adapter needs are fetched (into the Hugging Face cache), from the top of
+    the repo; each must match the hash the Hub advertises for it, or it is refused and removed
+    from the cache. They are validated like any `add`; the source is recorded as repo@commit.
 
     \b
     Example:
       loratool pull alice/llama-summarize-lora@main --task summarize
     """
+    import tempfile
     from pathlib import Path
 
     from ..catalog import Catalog, default_name
@@ -83,19 +85,22 @@ def pull(ctx, spec, task, name, replace, json_):
     from ..hub import pull_files
     from . import render
 
-    folder, info = pull_files(spec)
-    adapter = load_adapter(folder)
-    cat = Catalog(home_from(ctx))
-    name = name or default_name(Path(info["repo"].split("/")[-1]))
-    row = cat.add_adapter(
-        adapter,
-        name=name,
-        task=task,
-        base_model=adapter.meta.base_model,
-        meta={"hub_repo": info["repo"], "hub_commit": info["commit"]},
-        source=f"{info['repo']}@{info['commit']}",
-        replace=replace,
-    )
+    # The files are checked against the Hub's hashes while they are copied into a staging
+    # folder, and the adapter is read from there: what is added is what was checked.
+    with tempfile.TemporaryDirectory(prefix="loratool-pull-") as staging:
+        folder, info = pull_files(spec, into=Path(staging))
+        adapter = load_adapter(folder)
+        cat = Catalog(home_from(ctx))
+        name = name or default_name(Path(info["repo"].split("/")[-1]))
+        row = cat.add_adapter(
+            adapter,
+            name=name,
+            task=task,
+            base_model=adapter.meta.base_model,
+            meta={"hub_repo": info["repo"], "hub_commit": info["commit"]},
+            source=f"{info['repo']}@{info['commit']}",
+            replace=replace,
+        )
     if json_:
         emit_json({"name": row["name"], **info, "sha256": row["sha256"]})
         return

@@ -3,9 +3,28 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import click
+
+# C0 controls but tab and newline, DEL, C1 controls (ESC and CSI start terminal sequences), and
+# the bidirectional overrides that make text display in another order than it reads.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNSAFE_CELL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(m: re.Match) -> str:
+    c = ord(m.group())
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def sanitize(text: object, *, cell: bool = False) -> str:
+    """``text`` safe for a terminal: control characters (an ESC that starts a colour, a
+    cursor move or a title change; a carriage return that overwrites the line) and bidi
+    overrides shown as escapes (``\\x1b``), never sent raw. ``cell``: newlines and tabs too."""
+    text = str(text)
+    return (_UNSAFE_CELL if cell else _UNSAFE).sub(_escape, text)
 
 
 def json_option(f):

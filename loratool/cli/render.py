@@ -1,4 +1,9 @@
-"""Terminal rendering: the only module that imports rich."""
+"""Terminal rendering: the only module that imports rich.
+
+Everything printed here may hold text that came from a file (names, tasks, config values), so
+it is printed as plain text, never parsed as rich markup (``summarize[v2]`` stays as written),
+and with control characters escaped (``options.sanitize``): no terminal escape from an
+adapter's config reaches the terminal raw."""
 
 from __future__ import annotations
 
@@ -18,8 +23,10 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from ..units import human_count, human_size  # noqa: F401  (re-exported for commands)
+from .options import sanitize
 
 _console: Console | None = None
 _err: Console | None = None
@@ -39,20 +46,23 @@ def _width() -> int | None:
 def console() -> Console:
     global _console
     if _console is None:
-        _console = Console(highlight=False, width=_width())
+        _console = Console(highlight=False, emoji=False, width=_width())
     return _console
 
 
 def err_console() -> Console:
     global _err
     if _err is None:
-        _err = Console(stderr=True, highlight=False)
+        _err = Console(stderr=True, highlight=False, emoji=False)
     return _err
 
 
 def warn(message: str) -> None:
     err_console().print(
-        f"[yellow]warning:[/yellow] {escape(message)}", markup=True, highlight=False, soft_wrap=True
+        f"[yellow]warning:[/yellow] {escape(sanitize(message))}",
+        markup=True,
+        highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -65,13 +75,15 @@ def table(
         name, justify = (col, "left") if isinstance(col, str) else col
         t.add_column(name, justify=justify, overflow="fold")
     for row in rows:
-        t.add_row(*("" if v is None else str(v) for v in row))
+        # Text cells: never parsed as markup, whatever a name holds
+        t.add_row(*(Text("" if v is None else sanitize(v, cell=True)) for v in row))
     console().print(t)
 
 
 def echo(text: str = "", **kw) -> None:
+    """Plain text (no markup unless ``markup=True`` is asked for), control characters escaped."""
     console().print(
-        text,
+        sanitize(text),
         highlight=False,
         markup=kw.pop("markup", False),
         soft_wrap=kw.pop("soft_wrap", True),
@@ -97,7 +109,7 @@ def progress_bytes(description: str, total: int) -> Iterator:
         yield lambda n, label=None: None
         return
     prog = Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
@@ -106,10 +118,10 @@ def progress_bytes(description: str, total: int) -> Iterator:
         transient=True,
     )
     with prog:
-        task = prog.add_task(description, total=total)
+        task = prog.add_task(sanitize(description, cell=True), total=total)
 
         def advance(n: int, label: str | None = None) -> None:
-            prog.update(task, advance=n, description=label or description)
+            prog.update(task, advance=n, description=sanitize(label or description, cell=True))
 
         yield advance
 
@@ -121,7 +133,7 @@ def progress_count(description: str, total: int) -> Iterator:
         yield lambda n=1, label=None: None
         return
     prog = Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TimeRemainingColumn(),
@@ -129,10 +141,10 @@ def progress_count(description: str, total: int) -> Iterator:
         transient=True,
     )
     with prog:
-        task = prog.add_task(description, total=total)
+        task = prog.add_task(sanitize(description, cell=True), total=total)
 
         def advance(n: int = 1, label: str | None = None) -> None:
-            prog.update(task, advance=n, description=label or description)
+            prog.update(task, advance=n, description=sanitize(label or description, cell=True))
 
         yield advance
 
