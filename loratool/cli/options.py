@@ -86,7 +86,7 @@ def _is_adapter(ctx: click.Context):
             validate_name(name)
         except LoratoolError:
             return False
-        cat = Catalog(home_from(ctx))
+        cat = Catalog(home_from(ctx), read_only_ok=True)
         try:
             return cat.exists(name)
         finally:
