@@ -101,8 +101,8 @@ def test_kohya_round_trip_is_tensor_identical(tmp_path, style):
     src = tmp_path / "in.safetensors"
     kohya_file(src, style=style)
     adapter = load_adapter(src)
-    assert detect_format(src) == "kohya"
-    save_adapter(adapter, tmp_path / "out.safetensors", "kohya")
+    assert detect_format(src) == style
+    save_adapter(adapter, tmp_path / "out.safetensors", style)
     same_tensors(load_file(src), load_file(tmp_path / "out.safetensors"))
     assert (
         loratool.read_header(tmp_path / "out.safetensors").metadata

@@ -943,12 +943,21 @@ class Catalog:
 
     @_translated("cannot read the catalog")
     def export(
-        self, name: str, dest: str | os.PathLike, fmt: str = "peft", *, force: bool = False
-    ) -> Path:
-        """Write the adapter out as ``peft`` (a directory), ``kohya`` or ``loratool`` (a file).
+        self,
+        name: str,
+        dest: str | os.PathLike,
+        fmt: str = "peft",
+        *,
+        force: bool = False,
+        base: str | os.PathLike | None = None,
+        component: str | None = None,
+    ):
+        """Write the adapter out in any writable format (``formats.registry``); returns the
+        conversion report (its ``warnings`` name whatever the format approximated).
 
         ``dest`` may not be, contain or lie inside the home (``force`` or not)."""
-        from ..formats import WRITE_FORMATS, save_adapter
+        from ..formats import WRITE_FORMATS
+        from ..formats.convert import convert
         from ..fsutil import check_destination
 
         check_destination(dest, home=self.home, force=force)
@@ -958,7 +967,7 @@ class Catalog:
                 f"unknown format {fmt!r}; choose one of {', '.join(WRITE_FORMATS)}"
             )
         adapter = self.load(name)
-        return save_adapter(adapter, dest, fmt, force=force)
+        return convert(adapter, dest, fmt, base=base, component=component, force=force)
 
     def _taken(self, name: str) -> None:
         row = self._row(name)

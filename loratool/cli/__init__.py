@@ -24,6 +24,7 @@ COMMANDS = {
     "show": "catalog_cmds:show",
     "remove": "catalog_cmds:remove",
     "export": "catalog_cmds:export",
+    "convert": "convert_cmd:convert",
     "verify": "catalog_cmds:verify",
     "savings": "savings_cmd:savings",
     "merge": "merge_cmds:merge",

@@ -321,37 +321,78 @@ def remove(ctx, name):
     echo(f"removed {name}")
 
 
+FORMAT_NAMES = ["peft", "kohya", "diffusers", "mlx", "gguf", "loratool"]
+FORMAT_HELP = (
+    "peft: a directory PeftModel.from_pretrained loads; kohya: sd-scripts/ComfyUI names; "
+    "diffusers: what load_lora_weights reads; mlx: an mlx-lm adapter directory; gguf: a "
+    "llama.cpp adapter (needs --base); loratool: the catalog's own file."
+)
+
+
+def conversion_options(f):
+    """--base and --component, shared by export and convert."""
+    f = click.option(
+        "--component",
+        type=click.Choice(
+            ["unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"]
+        ),
+        help="The pipeline component: which one to write for one-model formats (peft, mlx, "
+        "gguf), or the one a prefix-less adapter belongs to (diffusers).",
+    )(f)
+    f = click.option(
+        "--base",
+        type=click.Path(exists=True, path_type=str),
+        help="The model (or diffusers pipeline directory) the adapter is for: names are "
+        "resolved against its tensors, and GGUF reads its config.json.",
+    )(f)
+    return f
+
+
+def echo_conversion(report, json_: bool, what: str) -> None:
+    if json_:
+        emit_json(report.to_dict())
+        return
+    import sys
+
+    from .render import echo
+
+    for w in report.warnings:
+        sys.stderr.write(f"warning: {w}\n")
+    echo(f"{what} to {report.dest} ({report.format}, {report.modules} modules)")
+
+
 @click.command()
 @click.argument("name")
 @click.argument("dest", type=click.Path(path_type=str))
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["peft", "kohya", "loratool"]),
+    type=click.Choice(FORMAT_NAMES),
     default="peft",
     show_default=True,
-    help="peft: a directory PeftModel.from_pretrained loads; kohya or loratool: one .safetensors file.",
+    help=FORMAT_HELP,
 )
+@conversion_options
 @click.option("--force", is_flag=True, help="Replace DEST if it exists.")
+@json_option
 @click.pass_context
-def export(ctx, name, dest, fmt, force):
-    """Write a catalog adapter to DEST.
+def export(ctx, name, dest, fmt, base, component, force, json_):
+    """Write a catalog adapter to DEST in any writable format.
 
-    Its blob is re-hashed first: a corrupt one is refused.
+    Its blob is re-hashed first: a corrupt one is refused. What the format cannot carry
+    exactly is named in a warning.
 
     \b
     Example:
       loratool export summarize-lora ./out/summarize --format peft
-      loratool export summarize-lora ./out/summarize.safetensors --format kohya
+      loratool export style-lora ./out/style.safetensors --format kohya
     """
     cat = _catalog(ctx, read=True)
     try:
-        path = cat.export(name, dest, fmt, force=force)
+        report = cat.export(name, dest, fmt, force=force, base=base, component=component)
     finally:
         cat.close()
-    from .render import echo
-
-    echo(f"exported {name} to {path} ({fmt})")
+    echo_conversion(report, json_, f"exported {name}")
 
 
 @click.command()

@@ -1,4 +1,11 @@
-"""Reading and writing adapters in every supported format, with auto-detection."""
+"""Reading and writing adapters in every supported format, through the formats registry.
+
+Each format is a module that registers a ``registry.Format`` (detect / read / write):
+``builtin`` (peft, loratool), ``kohya``, ``diffusers``, ``mlx``, ``gguf``. ``detect_format``
+asks each in priority order; ``load_adapter`` reads with the one that answers; ``save_adapter``
+writes atomically with the named one; ``convert`` does both, resolving names against a base when
+given one.
+"""
 
 from __future__ import annotations
 
@@ -6,87 +13,89 @@ import os
 from pathlib import Path
 
 from ..adapter import Adapter
-from ..errors import FormatError, NotFoundError, ValidationError
+from ..errors import FormatError, NotFoundError
 from ..fsutil import atomic_dir, atomic_file
 from ..tensors.header import read_header, refuse_pickle
-from ..tensors.io import load_file
-from .canonical import canonical_bytes, canonical_from_tensors, is_canonical
-from .kohya import kohya_from_tensors, looks_like_kohya, write_kohya_file
-from .peft import CONFIG, WEIGHTS, is_peft_dir, read_peft, write_peft_files
+from . import builtin, diffusers, gguf, kohya, mlx  # noqa: F401  (each registers itself)
+from .registry import WriteContext, get, readable, writable
 from .resolve import resolve
 
-WRITE_FORMATS = ("peft", "kohya", "loratool")
+WRITE_FORMATS = tuple(writable())
 
-__all__ = ["load_adapter", "detect_format", "save_adapter", "resolve", "WRITE_FORMATS"]
+__all__ = [
+    "load_adapter",
+    "detect_format",
+    "save_adapter",
+    "resolve",
+    "WRITE_FORMATS",
+    "WriteContext",
+]
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """'peft', 'kohya' or 'loratool', from the layout and the header only."""
+    """The name of the format at ``path``, from the layout and the header only."""
     p = Path(path)
     if not p.exists():
         raise NotFoundError("no such file or directory", file=p)
     refuse_pickle(p)
+    header = None
+    if p.is_file() and not gguf._detect(p, None):
+        header = read_header(p)
+    for fmt in readable():
+        if fmt.detect and fmt.detect(p, header):
+            return fmt.name
     if p.is_dir():
-        if is_peft_dir(p):
-            return "peft"
         files = sorted(p.glob("*.safetensors"))
         if len(files) == 1:
             return detect_format(files[0])
         raise FormatError(
-            f"no {CONFIG} and not exactly one .safetensors file: not an adapter", file=p
+            "no adapter_config.json and not exactly one .safetensors file: not an adapter", file=p
         )
-    if p.name == WEIGHTS and (p.parent / CONFIG).exists():
-        return "peft"
-    header = read_header(p)
-    if is_canonical(header.metadata):
-        return "loratool"
-    if looks_like_kohya(list(header.tensors)):
-        return "kohya"
-    raise FormatError("no LoRA tensors found (lora_A/lora_B or lora_down/lora_up)", file=p)
+    raise FormatError(
+        "no LoRA tensors found (lora_A/lora_B, lora_down/lora_up, lora_a/lora_b)", file=p
+    )
 
 
 def load_adapter(path: str | os.PathLike, *, lazy: bool = False) -> Adapter:
     """Read and validate an adapter in any supported format.
 
-    With ``lazy``, only headers are read: the factors are HeaderTensor stand-ins (no torch
-    needed) that ``LoraModule.materialized`` reads, and checks for NaN/Inf, when needed.
+    With ``lazy``, only headers are read where the format allows: the factors are HeaderTensor
+    stand-ins (no torch needed) that ``LoraModule.materialized`` reads, and checks for NaN/Inf.
     """
     p = Path(path)
-    fmt = detect_format(p)
-    if fmt == "peft":
-        folder = p if p.is_dir() else p.parent
-        adapter = read_peft(folder, lazy=lazy)
-    else:
-        file = p if p.is_file() else sorted(p.glob("*.safetensors"))[0]
-        tensors, metadata = load_file(file, lazy=lazy)
-        if fmt == "loratool":
-            adapter = canonical_from_tensors(tensors, metadata, source=file)
-        else:
-            adapter = kohya_from_tensors(tensors, metadata, source=file)
+    name = detect_format(p)
+    fmt = get(name)
+    target = p
+    if p.is_dir() and fmt.layout == "file":
+        target = sorted(p.glob("*.safetensors"))[0]
+    adapter = fmt.read(target, lazy)
     adapter.meta.source = adapter.meta.source or str(p)
-    adapter.meta.format = adapter.meta.format or fmt
-    adapter.origin.setdefault("format", fmt)
+    adapter.meta.format = adapter.meta.format or name
+    adapter.origin.setdefault("format", name)
     return adapter
 
 
 def save_adapter(
-    adapter: Adapter, dest: str | os.PathLike, fmt: str = "peft", *, force: bool = False
+    adapter: Adapter,
+    dest: str | os.PathLike,
+    fmt: str = "peft",
+    *,
+    force: bool = False,
+    ctx: WriteContext | None = None,
 ) -> Path:
-    """Write ``adapter`` to ``dest`` atomically: a PEFT directory, or one .safetensors file.
-
-    NaN or Inf in a factor is refused before anything is written, as ``add`` refuses it."""
+    """Write ``adapter`` to ``dest`` atomically in the named format; what the format could not
+    carry exactly is appended to ``ctx.warnings``. NaN or Inf in a factor is refused before
+    anything is written, as ``add`` refuses it."""
     dest = Path(dest)
     adapter.check_finite(dest)
-    if fmt == "peft":
+    f = get(fmt)
+    if f.write is None:
+        raise FormatError(f"{fmt} is read-only")
+    ctx = ctx or WriteContext()
+    if f.layout == "dir":
         with atomic_dir(dest, force=force) as tmp:
-            write_peft_files(adapter, tmp)
-    elif fmt == "kohya":
-        with atomic_file(dest, force=force) as tmp:
-            write_kohya_file(adapter, tmp)
-    elif fmt == "loratool":
-        data = canonical_bytes(adapter, with_meta=True)
-        with atomic_file(dest, force=force) as tmp:
-            tmp.write_bytes(data)
+            f.write(adapter, Path(tmp), ctx)
     else:
-        raise ValidationError(f"unknown format {fmt!r}; choose one of {', '.join(WRITE_FORMATS)}")
+        with atomic_file(dest, force=force) as tmp:
+            f.write(adapter, Path(tmp), ctx)
     return dest

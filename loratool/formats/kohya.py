@@ -1,76 +1,66 @@
-"""kohya-ss / diffusers single-file LoRA.
+"""kohya-ss / sd-scripts single-file LoRA: ``<stem>.lora_down.weight`` (A),
+``<stem>.lora_up.weight`` (B) and ``<stem>.alpha`` (a 0-d tensor), where ``<stem>`` is the module
+path flattened behind a prefix naming the component (``formats.naming``).
 
-Two key styles are read:
+Read as sd-scripts' ``create_network_from_weights`` reads it: alpha missing from every module means
+alpha = rank (old LoRAs); missing from some modules only, or missing in a LyCORIS file
+(``ss_network_module = lycoris.…``, which always writes it), is refused as partial; alpha 0 is
+refused because sd-scripts reads it as alpha = rank and ComfyUI / diffusers as scale 0.
+Flattened stems are kept as module names until resolved against a base (``formats.resolve``).
 
-- kohya: ``<stem>.lora_down.weight`` (A), ``<stem>.lora_up.weight`` (B), ``<stem>.alpha``
-  (a 0-d tensor), where ``<stem>`` is the module path with dots turned into underscores behind a
-  prefix naming the sub-model: ``lora_unet_``, ``lora_te_``, ``lora_te1_``, ``lora_te2_``…
-- diffusers / PEFT-in-one-file: ``<dotted path>.lora_A.weight`` / ``.lora_B.weight``, optional
-  ``<dotted path>.alpha``, often behind ``unet.`` / ``text_encoder.`` / ``transformer.``.
-
-A missing alpha means alpha = rank (scale 1), which is what kohya's loader assumes.
-Flattened kohya stems cannot be turned back into dotted names without the base's key list, so
-they are kept as module names until resolved against a base (see ``formats.resolve``).
+Written with the names sd-scripts and ComfyUI expect for each component, every scale folded into
+the per-module alpha (alpha' = scale · r: rsLoRA, rank/alpha patterns), and the ``ss_*`` /
+``modelspec.*`` metadata of the source kept (``ss_network_dim`` / ``ss_network_alpha`` refreshed,
+``sshs_model_hash`` recomputed over the tensor bytes, as sd-scripts' ``save_weights`` does).
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
+import math
 import re
 from pathlib import Path
 
 from ..adapter import Adapter, AdapterMeta, LoraModule, build_module
 from ..errors import ValidationError
 from ..tensors.header import HeaderTensor
-from ..tensors.io import dtype_tag, load_file, save_file, torch_dtype
-from . import diffusers_meta
+from ..tensors.io import dtype_tag, header_bytes, serialize, torch_dtype
+from . import naming, training
+from .registry import Format, WriteContext, register
 
-KOHYA_PREFIXES = (
-    "lora_unet_",
-    "lora_te1_",
-    "lora_te2_",
-    "lora_te3_",
-    "lora_te_",
-    "lora_transformer_",
-)
-_KEY = re.compile(
-    r"^(?P<stem>.+?)\.(?P<part>lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|alpha)$"
-)
-_UNSUPPORTED = ("hada_", "lokr_", "dora_scale", "oft_", "lora_mid", "diff_b", ".diff")
+KOHYA_PREFIXES = tuple(naming.KOHYA_PREFIX_COMPONENT)
+_KEY = re.compile(r"^(?P<stem>.+?)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+_LYCORIS = ("hada_", "lokr_", "lora_mid", ".diff", "diff_b", "oft_", ".w_norm", ".b_norm")
 
 
-def looks_like_kohya(keys: list[str]) -> bool:
-    return any(
-        k.endswith((".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight"))
-        for k in keys
-    )
+def looks_like_kohya(keys) -> bool:
+    return any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys)
 
 
 def is_flat_stem(name: str) -> bool:
     return name.startswith("lora_") and "." not in name
 
 
-def read_kohya(path: Path, *, lazy: bool = False) -> Adapter:
-    tensors, metadata = load_file(path, lazy=lazy)
-    return kohya_from_tensors(tensors, metadata, source=path)
+def alpha_value(t) -> float:
+    return t.scalar() if isinstance(t, HeaderTensor) else float(t.double().reshape(()).item())
 
 
 def kohya_from_tensors(tensors: dict, metadata: dict, *, source: object) -> Adapter:
     groups: dict[str, dict] = {}
-    style = None
-    alpha_dtype = None
+    alpha_tags, alpha_shapes, prefixes = set(), set(), set()
     for key, t in tensors.items():
-        for marker in _UNSUPPORTED:
-            if marker in key:
-                raise ValidationError(
-                    "LyCORIS / DoRA tensors are not supported, only plain LoRA",
-                    file=source,
-                    tensor=key,
-                )
+        if "dora_scale" in key:
+            raise ValidationError("DoRA (dora_scale) is not supported", file=source, tensor=key)
+        if any(m in key for m in _LYCORIS):
+            raise ValidationError(
+                "LyCORIS tensors (LoHa/LoKr/LoCon mid, diff) are not supported, only plain LoRA",
+                file=source,
+                tensor=key,
+            )
         m = _KEY.match(key)
         if m is None:
             raise ValidationError(
-                "not a LoRA tensor (expected lora_down/lora_up/alpha or lora_A/lora_B)",
+                "not a kohya LoRA tensor (expected lora_down/lora_up/alpha)",
                 file=source,
                 tensor=key,
             )
@@ -81,33 +71,48 @@ def kohya_from_tensors(tensors: dict, metadata: dict, *, source: object) -> Adap
                 raise ValidationError(
                     f"alpha must be a scalar, got shape {tuple(t.shape)}", file=source, tensor=key
                 )
-            g["alpha"] = (
-                t.scalar() if isinstance(t, HeaderTensor) else float(t.float().reshape(()).item())
-            )
-            g["alpha_key"] = key
-            alpha_dtype = dtype_tag(t.dtype)
-            g["alpha_shape"] = list(t.shape)
+            g["alpha"], g["alpha_key"] = alpha_value(t), key
+            alpha_tags.add(dtype_tag(t.dtype))
+            alpha_shapes.add(tuple(t.shape))
             continue
-        this_style = (
-            "kohya" if part.startswith("lora_down") or part.startswith("lora_up") else "diffusers"
-        )
-        if style not in (None, this_style):
-            raise ValidationError(
-                "mixes lora_down/lora_up and lora_A/lora_B keys", file=source, tensor=key
-            )
-        style = this_style
-        which = "A" if part.startswith(("lora_down", "lora_A")) else "B"
-        g[which] = t
-        g[which + "_key"] = key
-    configs = diffusers_meta.read_configs(metadata, source=source)
-    if configs and style == "kohya":
+        which = "A" if part.startswith("lora_down") else "B"
+        g[which], g[which + "_key"] = t, key
+    flat = {s for s in groups if "." not in s}
+    if flat and len(flat) != len(groups):
+        dotted = sorted(set(groups) - flat)[0]
         raise ValidationError(
-            f"lora_down/lora_up keys with diffusers' {diffusers_meta.METADATA_KEY} header: "
-            "which alpha applies is ambiguous",
+            f"mixes kohya names ({sorted(flat)[0]}) and dotted names", file=source, tensor=dotted
+        )
+    for stem in flat:
+        for p in KOHYA_PREFIXES:
+            if stem.startswith(p):
+                prefixes.add(p)
+                break
+        else:
+            raise ValidationError(
+                f"unknown kohya prefix (known: {', '.join(KOHYA_PREFIXES)})",
+                file=source,
+                tensor=stem,
+            )
+    if {"lora_te_", "lora_te1_"} <= prefixes:
+        raise ValidationError(
+            "mixes lora_te_ (one text encoder) and lora_te1_ (SDXL/Flux numbering)", file=source
+        )
+    with_alpha = [s for s, g in groups.items() if "alpha" in g]
+    if with_alpha and len(with_alpha) != len(groups):
+        missing = sorted(s for s in groups if s not in with_alpha)[0]
+        raise ValidationError(
+            f"has no alpha while {len(with_alpha)} other modules have one: a partial file",
+            file=source,
+            tensor=missing,
+        )
+    lycoris = str((metadata or {}).get("ss_network_module", "")).startswith("lycoris")
+    if lycoris and not with_alpha:
+        raise ValidationError(
+            "a LyCORIS file (ss_network_module = lycoris…) without alpha tensors: partial",
             file=source,
         )
     modules: dict[str, LoraModule] = {}
-    alpha_shapes = set()
     for stem, g in groups.items():
         for which in "AB":
             if which not in g:
@@ -121,65 +126,59 @@ def kohya_from_tensors(tensors: dict, metadata: dict, *, source: object) -> Adap
         kind = "conv2d" if A.dim() == 4 else "linear"
         name = stem if is_flat_stem(stem) else stem + ".weight"
         alpha = g.get("alpha", float(A.shape[0]))
-        rslora = False
-        if not math_isfinite(alpha):
+        if not math.isfinite(alpha):
             raise ValidationError(f"alpha is {alpha}", file=source, tensor=g.get("alpha_key"))
-        cfg, path = diffusers_meta.config_for(stem, configs)
-        if cfg is not None:
-            # diffusers ≥ 0.34 keeps alpha in the header, not in a tensor: without it the
-            # module would merge at scale 1 instead of alpha / r.
-            mc = diffusers_meta.module_config(
-                cfg, path, int(A.shape[0]), source=source, tensor=g["A_key"]
+        if alpha == 0:
+            raise ValidationError(
+                "alpha is 0: sd-scripts reads that as alpha = rank, ComfyUI and diffusers as "
+                "scale 0; refusing to guess",
+                file=source,
+                tensor=g.get("alpha_key"),
             )
-            if "alpha" in g and g["alpha"] != mc.alpha:
-                raise ValidationError(
-                    f"the alpha tensor says {g['alpha']:g} but {diffusers_meta.METADATA_KEY} "
-                    f"says {mc.alpha:g}",
-                    file=source,
-                    tensor=g["alpha_key"],
-                )
-            alpha, rslora = mc.alpha, mc.rslora
-            if mc.fan_in_fan_out and kind == "linear":
-                kind = "linear_fifo"
-        mod = build_module(name, kind, A, B, alpha, rslora, source=source)
-        modules[name] = mod
-        if "alpha_shape" in g:
-            alpha_shapes.add(json.dumps(g["alpha_shape"]))
+        modules[name] = build_module(name, kind, A, B, alpha, source=source)
     if not modules:
         raise ValidationError("holds no LoRA tensors", file=source)
     origin = {
-        "kohya_style": style or "kohya",
         "kohya_metadata": dict(metadata or {}),
-        "kohya_alpha_dtype": alpha_dtype,
-        "kohya_alpha_shape": json.loads(alpha_shapes.pop()) if len(alpha_shapes) == 1 else [],
-        "kohya_has_alpha": any("alpha" in g for g in groups.values()),
+        "kohya_alpha_dtype": alpha_tags.pop() if len(alpha_tags) == 1 else None,
+        "kohya_alpha_shape": list(alpha_shapes.pop()) if len(alpha_shapes) == 1 else [],
+        "kohya_has_alpha": bool(with_alpha),
+        "training": training.from_safetensors_metadata(metadata or {}),
     }
     return Adapter(modules, AdapterMeta(format="kohya"), origin)
 
 
-def math_isfinite(x: float) -> bool:
-    return x == x and x not in (float("inf"), float("-inf"))
-
-
-def flat_stem(name: str, prefix: str = "lora_unet_") -> str:
+def flat_stem(name: str, components: set | None = None) -> str:
+    """The kohya stem of a module name (kept as is when it already is one)."""
     if is_flat_stem(name):
         return name
-    return prefix + name.removesuffix(".weight").replace(".", "_")
+    mid = naming.parse(name)
+    comps = components if components is not None else {mid.component}
+    path = naming.kohya_path(mid.component, mid.path or mid.flat)
+    return naming.kohya_prefix(mid.component, mid.path, comps) + naming.flatten(path)
 
 
-def kohya_tensors(adapter: Adapter) -> tuple[dict, dict]:
+def _alpha_tensor(value: float, tag: str | None, shape: list):
+    """``value`` in the source's alpha dtype when that holds it exactly, else the narrowest of
+    float32 / float64 that does."""
     import torch
 
-    style = adapter.origin.get("kohya_style", "kohya")
-    prefix = adapter.origin.get("kohya_prefix", "lora_unet_")
-    alpha_dtype = torch_dtype(adapter.origin.get("kohya_alpha_dtype") or "F32")
-    alpha_shape = adapter.origin.get("kohya_alpha_shape", [])
-    write_alpha = adapter.origin.get("kohya_has_alpha", True)
-    meta = dict(adapter.origin.get("kohya_metadata") or {})
-    # A diffusers file whose alphas live in its header keeps them there.
-    in_header = style == "diffusers" and diffusers_meta.METADATA_KEY in meta
-    out = {}
-    stems = {}
+    for t in ([tag] if tag else []) + ["F32", "F64"]:
+        dt = torch_dtype(t)
+        x = torch.tensor(value, dtype=dt)
+        if float(x.item()) == value:
+            return x.reshape(shape)
+    return torch.tensor(value, dtype=torch.float64).reshape(shape)
+
+
+def kohya_parts(adapter: Adapter, ctx: WriteContext | None = None) -> tuple[dict, dict]:
+    ctx = ctx or WriteContext()
+    origin = adapter.origin
+    tag = origin.get("kohya_alpha_dtype")
+    shape = origin.get("kohya_alpha_shape", []) or []
+    components = {naming.parse(n).component for n in adapter.modules}
+    out: dict = {}
+    owner: dict[str, str] = {}
     for m in adapter.modules.values():
         if m.kind in ("linear_fifo", "embedding"):
             # kohya's loaders know Linear and Conv2d only: store the transposed update as a
@@ -187,31 +186,65 @@ def kohya_tensors(adapter: Adapter) -> tuple[dict, dict]:
             A, B = m.B.T.contiguous(), m.A.T.contiguous()
         else:
             A, B = m.A, m.B
-        if m.rslora and not in_header:
+        stem = flat_stem(m.name, components)
+        if stem in owner:
             raise ValidationError(
-                "kohya's format has no rsLoRA; export as PEFT, or resize first", tensor=m.name
+                f"both {owner[stem]} and {m.name} flatten to the kohya name {stem}", tensor=m.name
             )
-        if style == "diffusers" and not is_flat_stem(m.name):
-            stem = m.name.removesuffix(".weight")
-            out[stem + ".lora_A.weight"] = A
-            out[stem + ".lora_B.weight"] = B
-            stems[stem] = m
-            if in_header:
-                continue
-        else:
-            stem = flat_stem(m.name, prefix)
-            out[stem + ".lora_down.weight"] = A
-            out[stem + ".lora_up.weight"] = B
-        if write_alpha or m.alpha != m.rank:
-            out[stem + ".alpha"] = torch.tensor(m.alpha, dtype=alpha_dtype).reshape(alpha_shape)
-    if in_header:
-        configs = diffusers_meta.read_configs(meta, source="the adapter's origin")
-        if not diffusers_meta.fits(configs, stems):
-            prefixes = {p for p in configs if p is not None}
-            meta[diffusers_meta.METADATA_KEY] = diffusers_meta.build_metadata(stems, prefixes)
+        owner[stem] = m.name
+        out[stem + ".lora_down.weight"] = A
+        out[stem + ".lora_up.weight"] = B
+        # kohya's scale is alpha / r: any scale is carried exactly by alpha' = scale · r.
+        alpha = m.alpha * math.sqrt(m.rank) if m.rslora else m.alpha
+        if m.rslora:
+            ctx.warn("rsLoRA scales folded into kohya's per-module alpha (alpha' = alpha·√r)")
+            if alpha / m.rank != m.scale:
+                ctx.warn(f"{m.name}: alpha·√r is not exact in float64; scale kept to 1 ulp")
+        if origin.get("kohya_has_alpha", True) or alpha != m.rank:
+            out[stem + ".alpha"] = _alpha_tensor(alpha, tag, shape)
+    meta = training.kohya_metadata(adapter)
     return out, meta
 
 
-def write_kohya_file(adapter: Adapter, dest: Path) -> None:
-    tensors, meta = kohya_tensors(adapter)
-    save_file(tensors, dest, metadata=meta or None)
+def write_kohya(adapter: Adapter, dest: Path, ctx: WriteContext) -> None:
+    tensors, meta = kohya_parts(adapter, ctx)
+    data = serialize(tensors, None)
+    n = int.from_bytes(data[:8], "little")
+    body = data[8 + n :]
+    if meta.get("sshs_model_hash") is not None or "ss_network_module" in meta:
+        # sd-webui-additional-networks' hash: sha256 of the bytes after the header.
+        meta["sshs_model_hash"] = hashlib.sha256(body).hexdigest()
+        meta.pop("sshs_legacy_hash", None)  # depends on header bytes; sd tools recompute it
+    entries = []
+    import json
+
+    header = json.loads(data[8 : 8 + n])
+    header.pop("__metadata__", None)
+    for name, e in header.items():
+        entries.append((name, e["dtype"], tuple(e["shape"]), *e["data_offsets"]))
+    Path(dest).write_bytes(header_bytes(entries, meta or None) + body)
+
+
+def _detect(path: Path, header) -> bool:
+    return header is not None and looks_like_kohya(header.tensors)
+
+
+def _read(path: Path, lazy: bool) -> Adapter:
+    from ..tensors.io import load_file
+
+    tensors, metadata = load_file(path, lazy=lazy)
+    return kohya_from_tensors(tensors, metadata, source=path)
+
+
+FORMAT = register(
+    Format(
+        name="kohya",
+        help="one .safetensors file as sd-scripts / ComfyUI name it (lora_down/lora_up/alpha)",
+        layout="file",
+        detect=_detect,
+        read=_read,
+        write=write_kohya,
+        priority=30,
+        suffix=".safetensors",
+    )
+)

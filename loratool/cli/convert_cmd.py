@@ -1,0 +1,36 @@
+"""``loratool convert``: any readable adapter to any writable format."""
+
+from __future__ import annotations
+
+import click
+
+from .catalog_cmds import FORMAT_HELP, FORMAT_NAMES, conversion_options, echo_conversion
+from .options import home_from, json_option
+
+
+@click.command()
+@click.argument("src")
+@click.argument("dest", type=click.Path(path_type=str))
+@click.option("--to", "to", type=click.Choice(FORMAT_NAMES), required=True, help=FORMAT_HELP)
+@conversion_options
+@click.option("--force", is_flag=True, help="Replace DEST if it exists.")
+@json_option
+@click.pass_context
+def convert(ctx, src, dest, to, base, component, force, json_):
+    """Convert the adapter SRC (a path in any readable format, or a catalog name) to DEST.
+
+    Names are resolved against --base where the target needs the model's own names (a kohya
+    file to PEFT, diffusers, MLX or GGUF); every scale is carried exactly where the target can
+    hold it, and a warning names whatever was approximated.
+
+    \b
+    Example:
+      loratool convert style.safetensors style-diffusers.safetensors --to diffusers
+      loratool convert ./sql-lora sql.gguf --to gguf --base ./Llama-3.2-1B
+    """
+    from ..formats.convert import convert as run
+    from ..sources import open_adapter
+
+    adapter = open_adapter(src, home_from(ctx)).adapter
+    report = run(adapter, dest, to, base=base, component=component, force=force)
+    echo_conversion(report, json_, f"converted {src}")

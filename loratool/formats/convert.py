@@ -1,0 +1,111 @@
+"""Any readable adapter to any writable format (``loratool convert`` and ``export --format``).
+
+With a base, module names are resolved against the model's own tensor names first (kohya's
+flattened names become the real module paths PEFT / diffusers / MLX / GGUF need), keeping each
+module's pipeline component; a diffusers pipeline directory (``model_index.json``) resolves each
+component's modules against its own subfolder. The base's ``config.json`` is handed to writers
+that need the architecture (GGUF).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..adapter import Adapter
+from ..errors import ValidationError
+from ..tensors.header import read_base
+from . import naming
+from .registry import WriteContext, get
+from .resolve import resolve
+
+
+@dataclass
+class ConvertReport:
+    dest: Path
+    source_format: str
+    format: str
+    modules: int
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "dest": str(self.dest),
+            "from": self.source_format,
+            "to": self.format,
+            "modules": self.modules,
+            "warnings": list(self.warnings),
+        }
+
+
+def base_config(base: str | os.PathLike) -> dict | None:
+    p = Path(base)
+    cfg = (p if p.is_dir() else p.parent) / "config.json"
+    try:
+        obj = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def resolve_keeping_components(adapter: Adapter, base: str | os.PathLike) -> Adapter:
+    """``resolve`` against ``base``, the component prefix of each module kept in its name."""
+    root = Path(base)
+    adapter = Adapter(
+        dict(adapter.modules), adapter.meta, dict(adapter.origin), adapter.extra_tensors
+    )
+    groups: dict[str | None, list[str]] = {}
+    for name in adapter.modules:
+        mid = naming.parse(name)
+        groups.setdefault(mid.component if mid.explicit else None, []).append(name)
+    pipeline = root.is_dir() and (root / "model_index.json").is_file()
+    mapping: dict[str, str] = {}
+    for component, names in groups.items():
+        if pipeline:
+            if component is None or not (root / component).is_dir():
+                raise ValidationError(
+                    f"the pipeline has no {component} component for these modules",
+                    file=root,
+                    tensor=names[0],
+                )
+            index = read_base(root / component)
+        else:
+            index = read_base(root)
+        sub = Adapter({n: adapter.modules[n] for n in names})
+        resolved = resolve(sub, index, source=adapter.meta.source)
+        # resolve renames in order and may flip linear ↔ fan_in_fan_out to fit the base
+        for old, (new, mod) in zip(names, resolved.modules.items(), strict=True):
+            final = f"{component}.{new}" if component else new
+            mapping[old] = final
+            adapter.modules[old] = mod.with_name(new)
+    return adapter.renamed(mapping)
+
+
+def convert(
+    adapter: Adapter,
+    dest: str | os.PathLike,
+    to: str,
+    *,
+    base: str | os.PathLike | None = None,
+    component: str | None = None,
+    force: bool = False,
+) -> ConvertReport:
+    from . import save_adapter
+
+    fmt = get(to)
+    if fmt.write is None:
+        raise ValidationError(f"{to} cannot be written")
+    if component is not None and component not in naming.COMPONENTS:
+        raise ValidationError(
+            f"unknown component {component!r}; one of {', '.join(naming.COMPONENTS)}"
+        )
+    ctx = WriteContext(component=component)
+    source_format = adapter.meta.format or adapter.origin.get("format") or "?"
+    if base is not None:
+        adapter = resolve_keeping_components(adapter, base)
+        ctx.base = None
+        ctx.base_config = base_config(base)
+    out = save_adapter(adapter, dest, to, force=force, ctx=ctx)
+    return ConvertReport(out, source_format, to, len(adapter.modules), ctx.warnings)
