@@ -43,7 +43,9 @@ def _gguf():
     try:
         import gguf
     except ImportError as exc:  # pragma: no cover - gguf is a dependency
-        raise MissingDependencyError("GGUF needs the gguf package: pip install gguf") from exc
+        raise MissingDependencyError(
+            "GGUF needs the gguf package: pip install loratool[gguf]"
+        ) from exc
     return gguf
 
 
