@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..adapter import Adapter
 from ..errors import ValidationError
-from . import naming, training
+from . import naming
 from .canonical import canonical_bytes, canonical_from_tensors, is_canonical
 from .peft import CONFIG, WEIGHTS, read_peft, write_peft_files
 from .registry import Format, WriteContext, register
@@ -27,10 +27,7 @@ def _is_mlx_config(cfg: Path) -> bool:
 
 def _peft_read(path: Path, lazy: bool) -> Adapter:
     folder = path if path.is_dir() else path.parent
-    adapter = read_peft(folder, lazy=lazy)
-    config = adapter.origin.get("peft_config") or {}
-    adapter.origin.setdefault("training", training.from_peft_config(config))
-    return adapter
+    return read_peft(folder, lazy=lazy)
 
 
 def single_model(adapter: Adapter, ctx: WriteContext, fmt: str) -> Adapter:

@@ -173,10 +173,6 @@ def diffusers_from_tensors(tensors: dict, metadata: dict, *, source: object) -> 
         "diffusers_has_alpha": any("alpha" in g for g in groups.values()),
         "diffusers_alpha_dtype": alpha_tags.pop() if len(alpha_tags) == 1 else None,
         "diffusers_alpha_shape": list(alpha_shapes.pop()) if len(alpha_shapes) == 1 else [],
-        "training": training.merged(
-            training.from_safetensors_metadata(metadata or {}),
-            *(training.from_peft_config(c) for c in configs.values()),
-        ),
     }
     return Adapter(modules, AdapterMeta(format="diffusers"), origin)
 

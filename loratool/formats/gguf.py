@@ -255,7 +255,7 @@ def read_gguf(path: Path, lazy: bool = False) -> Adapter:
         if v:
             training[ours] = str(v)
     return Adapter(
-        modules, AdapterMeta(format="gguf"), {"training": training, "gguf_arch": arch_name}
+        modules, AdapterMeta(format="gguf"), {"gguf_training": training, "gguf_arch": arch_name}
     )
 
 

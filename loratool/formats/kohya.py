@@ -139,11 +139,11 @@ def kohya_from_tensors(tensors: dict, metadata: dict, *, source: object) -> Adap
     if not modules:
         raise ValidationError("holds no LoRA tensors", file=source)
     origin = {
+        "kohya_style": "kohya",
         "kohya_metadata": dict(metadata or {}),
         "kohya_alpha_dtype": alpha_tags.pop() if len(alpha_tags) == 1 else None,
         "kohya_alpha_shape": list(alpha_shapes.pop()) if len(alpha_shapes) == 1 else [],
         "kohya_has_alpha": bool(with_alpha),
-        "training": training.from_safetensors_metadata(metadata or {}),
     }
     return Adapter(modules, AdapterMeta(format="kohya"), origin)
 

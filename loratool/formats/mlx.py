@@ -111,19 +111,8 @@ def read_mlx(folder: Path, lazy: bool = False) -> Adapter:
         )
     if not modules:
         raise ValidationError("holds no LoRA tensors", file=weights)
-    training = {
-        k: str(v)
-        for k, v in (
-            ("base_model", config.get("model")),
-            ("steps", config.get("iters")),
-            ("learning_rate", config.get("learning_rate")),
-            ("num_layers", config.get("num_layers")),
-            ("trainer", "mlx-lm"),
-        )
-        if v is not None
-    }
     meta = AdapterMeta(base_model=config.get("model"), format="mlx")
-    return Adapter(modules, meta, {"mlx_config": config, "training": training})
+    return Adapter(modules, meta, {"mlx_config": config})
 
 
 def _t(x):
@@ -187,7 +176,9 @@ def write_mlx(adapter: Adapter, dest: Path, ctx: WriteContext) -> None:
             "keys": sorted(keys),
         },
     }
-    base = adapter.meta.base_model or (adapter.origin.get("training") or {}).get("base_model")
+    from .training import training_of
+
+    base = adapter.meta.base_model or training_of(adapter).get("base_model")
     if base:
         config["model"] = base
     dest.mkdir(exist_ok=True)

@@ -97,8 +97,44 @@ def merged(*dicts: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def from_mlx_config(config: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for key, ours in (
+        ("model", "base_model"),
+        ("iters", "steps"),
+        ("learning_rate", "learning_rate"),
+        ("num_layers", "num_layers"),
+    ):
+        v = _clean(config.get(key))
+        if v is not None:
+            out[ours] = v
+    out["trainer"] = "mlx-lm"
+    return out
+
+
 def training_of(adapter: Adapter) -> dict[str, str]:
-    return dict(adapter.origin.get("training") or {})
+    """What the adapter's source file said about its training, derived from the format facts
+    its ``origin`` keeps (so catalog blobs stay what they were)."""
+    from .diffusers_meta import read_configs
+
+    o = adapter.origin
+    parts = []
+    for key in ("kohya_metadata", "diffusers_metadata"):
+        if o.get(key):
+            parts.append(from_safetensors_metadata(o[key]))
+    if o.get("diffusers_metadata"):
+        try:
+            configs = read_configs(o["diffusers_metadata"], source="origin")
+        except Exception:  # a header that did not parse was refused when read
+            configs = {}
+        parts += [from_peft_config(c) for c in configs.values()]
+    if o.get("peft_config"):
+        parts.append(from_peft_config(o["peft_config"]))
+    if o.get("mlx_config"):
+        parts.append(from_mlx_config(o["mlx_config"]))
+    if o.get("gguf_training"):
+        parts.append(dict(o["gguf_training"]))
+    return merged(*parts)
 
 
 def kohya_metadata(adapter: Adapter) -> dict[str, str]:
