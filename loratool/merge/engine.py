@@ -262,6 +262,8 @@ def execute(
                     (tmp / plan.base.index_path.name).write_text(
                         json.dumps(plan.index, indent=2) + "\n"
                     )
+                for rel, doc in plan.indexes:  # a pipeline's sharded components
+                    (tmp / rel).write_text(json.dumps(doc, indent=2) + "\n")
                 # Checked again as they are copied: a link swapped in since the plan is refused.
                 roots = base_file_roots(plan.base)
                 for p in plan.extra_files:

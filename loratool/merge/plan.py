@@ -13,10 +13,11 @@ from pathlib import Path
 from .. import __version__
 from ..adapter import Adapter, AddToTensor, Module, ReplaceRows, ReplaceTensor, TensorOp
 from ..errors import ValidationError
-from ..formats.resolve import resolve
 from ..fsutil import check_destination, contained_target
+from ..image import resolve_parts
 from ..tensors.header import DTYPE_SIZES, FLOAT_DTYPES, BaseIndex, TensorInfo, read_base
 from ..tensors.io import header_bytes
+from ..tensors.pipeline import PipelineIndex, component_indexes, extra_candidates, out_name
 from ..weights import check_weight
 from .ops import AddStep, DeltaStep, DoraStep, ReplaceStep, RowsStep, Step
 
@@ -124,6 +125,8 @@ class MergePlan:
     # keys of config.json to set in the output (vocab_size, tie_word_embeddings…)
     config_updates: dict = field(default_factory=dict)
     force: bool = False  # replace an existing OUT (never an input: see plan_merge)
+    # a pipeline's per-component indexes: (path inside OUT, index JSON)
+    indexes: tuple[tuple[str, dict], ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -304,7 +307,11 @@ def plan_merge(
     history = merge_history(base)
     by_tensor: dict[str, list[Step]] = {}
     for inp in inputs:
-        adapter = resolve(inp.adapter, base, source=inp.label)
+        # per base tensor: the modules and operations that change it (an image base maps
+        # components, original layouts and fused tensors; see loratool/image)
+        parts = resolve_parts(inp.adapter, base, source=inp.label, strict=strict)
+        warnings += parts.warnings
+        adapter = inp.adapter
         declared = adapter.meta.base_model
         if declared:
             short = declared.rstrip("/").rsplit("/", 1)[-1].lower()
@@ -319,12 +326,10 @@ def plan_merge(
                 warnings.append(
                     f"{inp.label} is not recorded as merged into {base_name(base)}; subtracting it anyway"
                 )
-        check_weight(
-            inp.weight, ((n, m.scale) for n, m in adapter.modules.items()), label=inp.label
-        )
-        for name, mod in adapter.modules.items():
+        check_weight(inp.weight, ((n, m.scale) for n, m in parts.modules), label=inp.label)
+        for name, mod in parts.modules:
             by_tensor.setdefault(name, []).append(module_step(mod, inp))
-        for target, op in adapter.ops.items():
+        for target, op in parts.ops:
             by_tensor.setdefault(target, []).append(op_step(op, inp))
     for name, steps in by_tensor.items():
         check_steps(name, steps)
@@ -338,10 +343,13 @@ def plan_merge(
         src_meta[PROVENANCE_KEY] = json.dumps(new_history, separators=(",", ":"))
         src_meta["loratool.version"] = __version__
         src_meta.setdefault("loratool.base_model", base_name(base))
-        infos = sorted((t for t in base.tensors.values() if t.file == f), key=lambda t: t.start)
+        # keyed as the base names them (a pipeline's ``unet.…``), stored as the file names them
+        infos = sorted(
+            ((k, t) for k, t in base.tensors.items() if t.file == f), key=lambda kt: kt[1].start
+        )
         entries, plans, pos = [], [], 0
-        for info in infos:
-            steps = tuple(by_tensor.get(info.name, ()))
+        for key, info in infos:
+            steps = tuple(by_tensor.get(key, ()))
             shape = info.shape
             for s in steps:
                 shape = s.out_shape(shape)
@@ -351,12 +359,10 @@ def plan_merge(
                 size *= s
             entries.append((info.name, out_dtype, shape, pos, pos + size))
             plans.append(
-                TensorPlan(
-                    info.name, info, out_dtype, pos, steps, shape if shape != info.shape else None
-                )
+                TensorPlan(key, info, out_dtype, pos, steps, shape if shape != info.shape else None)
             )
             pos += size
-        name = out.name if base.index_path is None and base.root.is_file() else f.name
+        name = out.name if base.index_path is None and base.root.is_file() else out_name(base, f)
         files.append(FilePlan(name, header_bytes(entries, src_meta), tuple(plans)))
     index = None
     if base.index_path is not None:
@@ -367,13 +373,23 @@ def plan_merge(
             },
             "weight_map": {t.name: f.name for f in files for t in f.tensors},
         }
+    indexes: tuple = ()
+    if isinstance(base, PipelineIndex):
+        sizes = {f: fp.size - len(fp.header) for f, fp in zip(base.files, files, strict=True)}
+        where = {t.name: f for f, fp in zip(base.files, files, strict=True) for t in fp.tensors}
+        indexes = tuple(component_indexes(base, sizes, where))
     extra: list[Path] = []
     single = base.root.is_file()
     if not single:
         skip = {f.resolve() for f in base.files}
         if base.index_path is not None:
             skip.add(base.index_path.resolve())
-        for p in sorted(base.root.iterdir()):
+        found = (
+            extra_candidates(base)
+            if isinstance(base, PipelineIndex)
+            else sorted(base.root.iterdir())
+        )
+        for p in found:
             if p.name.startswith(".") or not p.is_file() or p.resolve() in skip:
                 continue
             if contained_target(p, base_file_roots(base)) is None:
@@ -395,6 +411,7 @@ def plan_merge(
         index,
         tuple(warnings),
         force=force,
+        indexes=indexes,
     )
     _check_space(plan)
     return plan

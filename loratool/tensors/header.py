@@ -249,6 +249,10 @@ def read_base(path: str | os.PathLike) -> BaseIndex:
     if root.is_file():
         header = read_header(root)
         return BaseIndex(root, (root,), dict(header.tensors), None, {}, {root: header.metadata})
+    from .pipeline import is_pipeline, read_pipeline
+
+    if is_pipeline(root):  # a diffusers pipeline: one base over its component folders
+        return read_pipeline(root)
     for name in _INDEX_NAMES:
         index_path = root / name
         if index_path.exists():
