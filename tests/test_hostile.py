@@ -209,6 +209,48 @@ def test_plot_may_not_overwrite_the_adapter(cli_run, work):
     assert tree(work) == before
 
 
+@pytest.mark.parametrize(
+    ("dest", "to", "needle"),
+    [
+        ("adapter", "peft", "is an input"),
+        ("adapter/x.safetensors", "kohya", "lies inside an input"),
+        (".", "peft", "contains an input"),
+        ("llama/model.safetensors", "kohya", "an input"),  # the --base it reads
+    ],
+)
+def test_convert_output_may_not_replace_an_input(cli_run, work, dest, to, needle):
+    before = tree(work)
+    r = cli_run(
+        "convert", work / "adapter", work / dest, "--to", to, "--base", work / "llama", "--force"
+    )
+    one_error_line(r, needle)
+    assert tree(work) == before
+
+
+def test_convert_and_export_into_the_home_or_the_base_are_refused(cli_run, work, cataloged):
+    before = tree(cataloged)
+    for dest in (cataloged, cataloged / "blobs" / "x.safetensors"):
+        r = cli_run("convert", "a", dest, "--to", "kohya", "--force")
+        one_error_line(r, "the catalog home")
+    r = cli_run(
+        "export", "a", work / "llama" / "model.safetensors", "--format", "kohya",
+        "--base", work / "llama", "--force",
+    )  # fmt: skip
+    one_error_line(r, "an input")
+    assert tree(cataloged) == before
+    verify_ok(cli_run)
+
+
+def test_library_convert_refuses_its_base(work):
+    from loratool.formats import load_adapter
+    from loratool.formats.convert import convert
+
+    adapter = load_adapter(work / "adapter")
+    with pytest.raises(ValidationError, match="an input"):
+        convert(adapter, work / "llama", "peft", base=work / "llama", force=True)
+    assert (work / "llama" / "model.safetensors").is_file()
+
+
 def test_library_plan_merge_refuses_what_the_cli_refuses(work, tmp_path):
     from loratool.merge import AdapterInput, plan_merge
     from loratool.sources import open_adapter

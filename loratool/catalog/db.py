@@ -955,12 +955,12 @@ class Catalog:
         """Write the adapter out in any writable format (``formats.registry``); returns the
         conversion report (its ``warnings`` name whatever the format approximated).
 
-        ``dest`` may not be, contain or lie inside the home (``force`` or not)."""
+        ``dest`` may not be, contain or lie inside the home or ``base`` (``force`` or not)."""
         from ..formats import WRITE_FORMATS
         from ..formats.convert import convert
         from ..fsutil import check_destination
 
-        check_destination(dest, home=self.home, force=force)
+        check_destination(dest, inputs=[base], home=self.home, force=force)
 
         if fmt not in WRITE_FORMATS:
             raise ValidationError(

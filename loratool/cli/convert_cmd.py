@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .catalog_cmds import FORMAT_HELP, FORMAT_NAMES, conversion_options, echo_conversion
-from .options import home_from, json_option
+from .options import check_out, home_from, json_option
 
 
 @click.command()
@@ -31,6 +31,7 @@ def convert(ctx, src, dest, to, base, component, force, json_):
     from ..formats.convert import convert as run
     from ..sources import open_adapter
 
+    check_out(ctx, dest, [src, base], force)
     adapter = open_adapter(src, home_from(ctx)).adapter
     report = run(adapter, dest, to, base=base, component=component, force=force)
     echo_conversion(report, json_, f"converted {src}")

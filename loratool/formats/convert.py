@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..adapter import Adapter
 from ..errors import ValidationError
+from ..fsutil import check_destination
 from ..tensors.header import read_base
 from . import naming
 from .registry import WriteContext, get
@@ -94,6 +95,7 @@ def convert(
 ) -> ConvertReport:
     from . import save_adapter
 
+    check_destination(dest, inputs=[base], force=force)
     fmt = get(to)
     if fmt.write is None:
         raise ValidationError(f"{to} cannot be written")
