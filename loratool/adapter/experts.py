@@ -57,8 +57,10 @@ class ExpertLoraModule(Module):
     num_experts: int = 1
     rslora: bool = False
     transposed: bool = False  # W is (E, in, out) and applied as x @ W[e] (gpt-oss)
+    alternatives: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self.alternatives = tuple(self.alternatives)
         self.alpha = float(self.alpha)
         self.num_experts = int(self.num_experts)
         self.rslora = bool(self.rslora)
@@ -74,6 +76,7 @@ class ExpertLoraModule(Module):
             "rslora": self.rslora,
             "num_experts": self.num_experts,
             "transposed": self.transposed,
+            **({"alternatives": list(self.alternatives)} if self.alternatives else {}),
         }
 
     @classmethod
@@ -88,6 +91,7 @@ class ExpertLoraModule(Module):
                 facts["num_experts"],
                 bool(facts.get("rslora")),
                 bool(facts.get("transposed")),
+                tuple(facts.get("alternatives", ())),
             )
         except ValidationError as exc:
             if exc.file is None and source is not None:
@@ -146,15 +150,38 @@ class ExpertLoraModule(Module):
             raise ValidationError(f"alpha is {self.alpha}", file=source, tensor=self.name)
         super().validate(source)
 
-    def fit(self, shape, *, source=None, where=None) -> ExpertLoraModule:
+    def fit(self, shape, *, source=None, where=None, facts=None) -> ExpertLoraModule:
+        """The layout is read from the base tensor (E, X, Y): (E, out, in) or, for the models
+        whose experts are transposed, (E, in, out); a square one needs the model type."""
         shape = tuple(shape)
-        if len(shape) == 3 and shape[0] != self.num_experts:
+        if len(shape) != 3:
+            raise ValidationError(
+                f"expert LoRA needs a 3-D base tensor (experts, …), got {list(shape)}",
+                file=source,
+                tensor=self.name,
+            )
+        if shape[0] != self.num_experts:
             raise ValidationError(
                 f"the adapter has {self.num_experts} experts but the base tensor {list(shape)} has {shape[0]}",
                 file=source,
                 tensor=self.name,
             )
-        return super().fit(shape, source=source, where=where)
+        i, o = self.in_features, self.out_features
+        plain, transposed = shape[1:] == (o, i), shape[1:] == (i, o)
+        if plain and transposed:
+            known = facts.experts_transposed if facts is not None else None
+            if known is None:
+                raise ValidationError(
+                    f"square expert tensor {list(shape)}: (experts, out, in) or (experts, in, out) "
+                    "depends on the model, and the base has no config.json with a model_type",
+                    file=source,
+                    tensor=self.name,
+                )
+            transposed, plain = known, not known
+        mod = self
+        if transposed != self.transposed and (plain or transposed):
+            mod = replace(self, transposed=transposed)
+        return Module.fit(mod, shape, source=source, where=where, facts=facts)
 
     def factors(self, work=None, device=None):
         """(A_e, B_e): (E, r, in) and (E, out, r), float32 unless ``work`` says otherwise."""

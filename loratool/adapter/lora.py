@@ -8,6 +8,8 @@ For every kind, ΔW = scale · B·A with the layout the base weight is stored in
 - ``conv2d``: W is out×in×kh×kw, A is r×in×kh×kw (a conv), B is out×r×1×1 (a 1×1 conv).
   Composing the two convolutions gives ΔW[o,i,h,w] = Σ_r B[o,r]·A[r,i,h,w], i.e. the matrix
   product of the flattened factors reshaped back; for 1×1 kernels that is the plain product.
+  ``conv1d`` and ``conv3d`` (peft's Conv1d/Conv3d layers) are the same with one kernel
+  dimension fewer or more.
 - ``embedding``: W is num_embeddings × dim; PEFT keeps lora_embedding_A as r×num_embeddings and
   lora_embedding_B as dim×r, so ΔW = (B·A)ᵀ.
 
@@ -32,7 +34,8 @@ from .module import Module, register
 if TYPE_CHECKING:
     import torch
 
-KINDS = ("linear", "linear_fifo", "conv2d", "embedding")
+KINDS = ("linear", "linear_fifo", "conv1d", "conv2d", "conv3d", "embedding")
+CONV_DIMS = {"conv1d": 3, "conv2d": 4, "conv3d": 5}
 
 
 class LowRankTerm:
@@ -66,9 +69,11 @@ class LoraModule(Module):
     rslora: bool = False
     magnitude: Any = None  # DoRA
     target_rows: tuple[int, int] | None = None
+    alternatives: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.alpha = float(self.alpha)
+        self.alternatives = tuple(self.alternatives)
         self.rslora = bool(self.rslora)
         if self.target_rows is not None:
             self.target_rows = (int(self.target_rows[0]), int(self.target_rows[1]))
@@ -85,6 +90,8 @@ class LoraModule(Module):
         out: dict[str, Any] = {"alpha": self.alpha, "rslora": self.rslora}
         if self.target_rows is not None:
             out["target_rows"] = list(self.target_rows)
+        if self.alternatives:
+            out["alternatives"] = list(self.alternatives)
         return out
 
     @classmethod
@@ -99,6 +106,7 @@ class LoraModule(Module):
             bool(facts.get("rslora")),
             magnitude=tensors.get("magnitude"),
             target_rows=tuple(rows) if rows is not None else None,
+            alternatives=tuple(facts.get("alternatives", ())),
             source=source,
         )
 
@@ -147,7 +155,7 @@ class LoraModule(Module):
         A, B, name = self.A, self.B, self.name
         if self.kind not in KINDS:
             raise ValidationError(f"unknown module kind {self.kind!r}", file=source, tensor=name)
-        want = 4 if self.kind == "conv2d" else 2
+        want = CONV_DIMS.get(self.kind, 2)
         if A.dim() != want or B.dim() != want:
             raise ValidationError(
                 f"{self.kind} needs {want}-D A and B, got A {tuple(A.shape)} and B {tuple(B.shape)}",
@@ -160,9 +168,9 @@ class LoraModule(Module):
                 file=source,
                 tensor=name,
             )
-        if self.kind == "conv2d" and tuple(B.shape[2:]) != (1, 1):
+        if self.kind in CONV_DIMS and any(s != 1 for s in B.shape[2:]):
             raise ValidationError(
-                f"conv2d B must be out×r×1×1, got {tuple(B.shape)}", file=source, tensor=name
+                f"{self.kind} B must be out×r×1…, got {tuple(B.shape)}", file=source, tensor=name
             )
         if not (A.is_floating_point() and B.is_floating_point()):
             raise ValidationError("A and B must be floating point", file=source, tensor=name)
@@ -170,21 +178,25 @@ class LoraModule(Module):
             raise ValidationError(f"alpha is {self.alpha}", file=source, tensor=name)
         super().validate(source)
 
-    def fit(self, shape, *, source=None, where=None) -> LoraModule:
-        """A linear module whose ΔW fits only transposed is taken as fan_in_fan_out (and vice
-        versa), which is what PEFT itself does for GPT-2's Conv1D; square weights keep what
-        the adapter says (formats decide those from the model's layer types)."""
-        have = tuple(self.base_shape)
-        want = tuple(shape)
-        if (
-            self.target_rows is None
-            and have != want
-            and self.kind in ("linear", "linear_fifo")
-            and have == tuple(reversed(want))
-            and self.magnitude is None
-        ):
-            return replace(self, kind="linear_fifo" if self.kind == "linear" else "linear")
-        return super().fit(shape, source=source, where=where)
+    def fit(self, shape, *, source=None, where=None, facts=None) -> LoraModule:
+        """fan_in_fan_out is decided per module from the layer type, as peft does (it sets the
+        flag for Conv1D targets and clears it for Linear ones, whatever the config says): from
+        the base's model type where it is known (a square Conv1D looks like a Linear), else
+        from the shape (a linear module whose ΔW fits only transposed is a Conv1D)."""
+        mod = self
+        if self.kind in ("linear", "linear_fifo") and self.target_rows is None:
+            conv1d = facts.is_conv1d(self.name) if facts is not None else None
+            if conv1d is not None:
+                kind = "linear_fifo" if conv1d else "linear"
+            elif tuple(self.base_shape) != tuple(shape) and tuple(
+                reversed(self.base_shape)
+            ) == tuple(shape):
+                kind = "linear_fifo" if self.kind == "linear" else "linear"
+            else:
+                kind = self.kind
+            if kind != self.kind:
+                mod = replace(self, kind=kind)
+        return Module.fit(mod, shape, source=source, where=where, facts=facts)
 
     # -- math ----------------------------------------------------------------------------
     def delta(
@@ -204,7 +216,7 @@ class LoraModule(Module):
             left, right = B, A
         elif mod.kind in ("linear_fifo", "embedding"):
             left, right = A.T, B.T  # ΔW = (B·A)ᵀ = Aᵀ·Bᵀ
-        else:  # conv2d: ΔW[o, i·kh·kw] = B[o, r]·A[r, i·kh·kw]
+        else:  # conv: ΔW[o, i·kh·kw] = B[o, r]·A[r, i·kh·kw]
             left, right = B.flatten(1), A.flatten(1)
         return LowRankTerm(left, right, mod.scale * weight)
 
@@ -219,11 +231,12 @@ def build_module(
     *,
     magnitude=None,
     target_rows: tuple[int, int] | None = None,
+    alternatives: tuple[str, ...] = (),
     source: object | None = None,
 ) -> LoraModule:
     """A validated, finite module; errors name ``source`` (the file it came from)."""
     try:
-        mod = LoraModule(name, kind, A, B, alpha, rslora, magnitude, target_rows)
+        mod = LoraModule(name, kind, A, B, alpha, rslora, magnitude, target_rows, alternatives)
     except ValidationError as exc:
         if exc.file is None and source is not None:
             raise ValidationError(
@@ -256,7 +269,7 @@ def delta_from_factors(
         d = B @ A
     elif kind in ("linear_fifo", "embedding"):
         d = (B @ A).T
-    elif kind == "conv2d":
+    elif kind in CONV_DIMS:
         d = (B.flatten(1) @ A.flatten(1)).reshape(B.shape[0], *A.shape[1:])
     else:
         raise ValidationError(f"unknown module kind {kind!r}")

@@ -145,6 +145,9 @@ class Module(Stored):
     rslora: bool = False
     magnitude: Any = None
     target_rows: tuple[int, int] | None = None
+    # other base tensors this module may be for, told apart by shape when resolved (peft's
+    # nested ParamWrappers do not name the parameter each one adapts)
+    alternatives: tuple[str, ...] = ()
 
     # -- serialization -------------------------------------------------------------------
     def facts(self) -> dict[str, Any]:
@@ -211,9 +214,10 @@ class Module(Stored):
                     tensor=self.name,
                 )
 
-    def fit(self, shape: tuple[int, ...], *, source=None, where=None) -> Module:
+    def fit(self, shape: tuple[int, ...], *, source=None, where=None, facts=None) -> Module:
         """This module checked against its base tensor's ``shape``: itself, or an equivalent
-        module that fits (a linear taken as fan_in_fan_out); raises if none does."""
+        module that fits (a linear taken as fan_in_fan_out); raises if none does. ``facts``
+        (``bases.BaseFacts``) says what shapes cannot: layer types, transposed experts."""
         want = shape
         if self.target_rows is not None:
             lo, hi = self.target_rows

@@ -20,7 +20,7 @@ under the key it came from.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from ..errors import ValidationError
@@ -121,6 +121,7 @@ class ReplaceTensor(TensorOp):
     value: Any
     why: str = "modules_to_save"
     resize: bool = False  # the first dimension may differ from the base's (new tokens)
+    key: str | None = None  # where the source format stored it (to write it back there)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -135,6 +136,8 @@ class ReplaceTensor(TensorOp):
         out: dict[str, Any] = {"why": self.why}
         if self.resize:
             out["resize"] = True
+        if self.key is not None:
+            out["key"] = self.key
         return out
 
     @classmethod
@@ -146,6 +149,7 @@ class ReplaceTensor(TensorOp):
             tensors["value"],
             facts.get("why", "modules_to_save"),
             bool(facts.get("resize")),
+            facts.get("key"),
         )
 
     def out_shape(self, base_shape):
@@ -176,6 +180,7 @@ class ReplaceRows(TensorOp):
     indices: list[int]
     values: Any
     why: str = "trainable_tokens"
+    key: str | None = None
 
     def __post_init__(self) -> None:
         self.indices = [int(i) for i in self.indices]
@@ -188,7 +193,10 @@ class ReplaceRows(TensorOp):
         return replace(self, values=tensors.get("values", self.values))
 
     def facts(self) -> dict[str, Any]:
-        return {"why": self.why, "indices": list(self.indices)}
+        out = {"why": self.why, "indices": list(self.indices)}
+        if self.key is not None:
+            out["key"] = self.key
+        return out
 
     @classmethod
     def from_parts(cls, target, tensors, facts, *, source=None) -> ReplaceRows:
@@ -199,6 +207,7 @@ class ReplaceRows(TensorOp):
             list(facts["indices"]),
             tensors["values"],
             facts.get("why", "trainable_tokens"),
+            facts.get("key"),
         )
 
     def validate(self, source=None) -> None:
@@ -244,7 +253,7 @@ class AddToTensor(TensorOp):
     value: Any
     scale: float = 1.0
     why: str = "lora_bias"
-    facts_extra: dict = field(default_factory=dict)
+    key: str | None = None
 
     def __post_init__(self) -> None:
         self.scale = float(self.scale)
@@ -259,11 +268,13 @@ class AddToTensor(TensorOp):
         return replace(self, value=tensors.get("value", self.value))
 
     def facts(self) -> dict[str, Any]:
-        return {"why": self.why, "scale": self.scale, **self.facts_extra}
+        out = {"why": self.why, "scale": self.scale}
+        if self.key is not None:
+            out["key"] = self.key
+        return out
 
     @classmethod
     def from_parts(cls, target, tensors, facts, *, source=None) -> AddToTensor:
-        extra = {k: v for k, v in facts.items() if k not in ("why", "scale")}
         return _built(
             cls,
             source,
@@ -271,7 +282,7 @@ class AddToTensor(TensorOp):
             tensors["value"],
             facts.get("scale", 1.0),
             facts.get("why", "lora_bias"),
-            extra,
+            facts.get("key"),
         )
 
     def fit(self, shape, *, source=None) -> AddToTensor:

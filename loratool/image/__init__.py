@@ -63,11 +63,18 @@ def component_of(name: str) -> tuple[str | None, str]:
 
 
 def resolve_parts(
-    adapter: Adapter, base: BaseIndex, *, source=None, strict: bool = False
+    adapter: Adapter,
+    base: BaseIndex,
+    *,
+    source=None,
+    strict: bool = False,
+    facts=None,
+    virtual=None,
 ) -> ResolvedParts:
+    """``facts`` and ``virtual``: see ``formats.resolve.resolve`` (language models)."""
     layout = detect(base)
     if layout is None:
-        a = resolve(adapter, base, source=source)
+        a = resolve(adapter, base, source=source, facts=facts, virtual=virtual)
         return ResolvedParts(list(a.modules.items()), list(a.ops.items()))
     return _resolve_image(adapter, base, layout, source, strict)
 

@@ -7,7 +7,7 @@ from ..adapter import Adapter
 from ..errors import ValidationError
 from ..formats.resolve import resolve
 from .engine import _Scratch, run_steps
-from .plan import AdapterInput, check_steps, module_step, op_step
+from .plan import AdapterInput, adapter_steps, check_steps
 
 
 def _state(target) -> dict:
@@ -29,11 +29,7 @@ def merge_into(target, adapter: Adapter, weight: float = 1.0) -> list[str]:
     state = _state(target)
     resolved = resolve(adapter, state, source="adapter")
     inp = AdapterInput(resolved, weight, "adapter", "")
-    by_tensor: dict[str, list] = {}
-    for name, mod in resolved.modules.items():
-        by_tensor.setdefault(name, []).append(module_step(mod, inp))
-    for name, op in resolved.ops.items():
-        by_tensor.setdefault(name, []).append(op_step(op, inp))
+    by_tensor = adapter_steps(resolved, inp)
     updates = {}
     with torch.no_grad():
         for name, steps in by_tensor.items():

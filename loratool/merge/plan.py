@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..adapter import Adapter, AddToTensor, Module, ReplaceRows, ReplaceTensor, TensorOp
+from ..bases import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, BaseFacts, read_facts, tied_pair
 from ..errors import ValidationError
 from ..fsutil import check_destination, contained_target
 from ..image import resolve_parts
@@ -229,6 +230,10 @@ def op_step(op: TensorOp, inp: AdapterInput) -> Step:
     """The step that applies one full-tensor operation at the input's weight."""
     if isinstance(op, AddToTensor):
         return AddStep(op, inp.weight, inp.label)
+    if isinstance(op, ReplaceTensor) and op.why == "embedding" and inp.weight > 0:
+        # save_embedding_layers: peft loads the saved layer into the base whatever weight the
+        # LoRA factors are then given (usually it is the base's own embedding, unchanged)
+        return ReplaceStep(op, inp.label)
     if inp.weight != 1.0:
         what = "unmerging" if inp.weight == -1.0 else f"weight {inp.weight} for"
         raise ValidationError(
@@ -243,6 +248,28 @@ def op_step(op: TensorOp, inp: AdapterInput) -> Step:
     raise ValidationError(
         f"no merge step for operation {op.op!r}", file=inp.label, tensor=op.target
     )
+
+
+def adapter_steps(adapter: Adapter, inp: AdapterInput) -> dict[str, list[Step]]:
+    """One (resolved) adapter's steps per tensor; see ``parts_steps``."""
+    return parts_steps(list(adapter.modules.items()), list(adapter.ops.items()), inp)
+
+
+def parts_steps(modules: list, ops: list, inp: AdapterInput) -> dict[str, list[Step]]:
+    """Steps per base tensor for (tensor, module) and (tensor, operation) pairs of one
+    adapter, in the order peft applies them: a tensor it saved in full is loaded first (the
+    base layer's weight, e.g. an embedding saved beside its LoRA), then the modules' updates,
+    then token rows and bias additions."""
+    out: dict[str, list[Step]] = {}
+    for target, op in ops:
+        if isinstance(op, ReplaceTensor):
+            out.setdefault(target, []).append(op_step(op, inp))
+    for name, mod in modules:
+        out.setdefault(name, []).append(module_step(mod, inp))
+    for target, op in ops:
+        if not isinstance(op, ReplaceTensor):
+            out.setdefault(target, []).append(op_step(op, inp))
+    return out
 
 
 _ADDITIVE = ("delta", "slice", "add")
@@ -305,11 +332,18 @@ def plan_merge(
     warnings: list[str] = []
     ident = base_identity(base)
     history = merge_history(base)
+    facts = read_facts(base.root)
+    tied = tied_embeddings(base, facts)
+    virtual = {}
+    if tied is not None and tied[0] not in base.tensors:
+        virtual[tied[0]] = base.tensors[tied[1]].shape  # the lm_head tied to the embedding
     by_tensor: dict[str, list[Step]] = {}
     for inp in inputs:
         # per base tensor: the modules and operations that change it (an image base maps
         # components, original layouts and fused tensors; see loratool/image)
-        parts = resolve_parts(inp.adapter, base, source=inp.label, strict=strict)
+        parts = resolve_parts(
+            inp.adapter, base, source=inp.label, strict=strict, facts=facts, virtual=virtual
+        )
         warnings += parts.warnings
         adapter = inp.adapter
         declared = adapter.meta.base_model
@@ -320,19 +354,38 @@ def plan_merge(
                 if strict:
                     raise ValidationError(msg, hint="drop --strict to merge anyway")
                 warnings.append(msg)
-        if inp.weight < 0 and history is not None:
-            net = sum(h.get("weight", 0) for h in history if h.get("sha256") == inp.sha256)
-            if net <= 0:
-                warnings.append(
-                    f"{inp.label} is not recorded as merged into {base_name(base)}; subtracting it anyway"
-                )
+        net = sum(h.get("weight", 0) for h in history if h.get("sha256") == inp.sha256)
+        if inp.weight < 0 and net <= 0:
+            warnings.append(
+                f"{inp.label} is not recorded as merged into {base_name(base)}; subtracting it anyway"
+            )
+        if inp.weight > 0 and net > 0:
+            warnings.append(
+                f"{inp.label} is already merged into {base_name(base)} (its provenance records it "
+                f"at weight {net:g}); merging it again adds it twice"
+            )
         check_weight(inp.weight, ((n, m.scale) for n, m in parts.modules), label=inp.label)
-        for name, mod in parts.modules:
-            by_tensor.setdefault(name, []).append(module_step(mod, inp))
-        for target, op in parts.ops:
-            by_tensor.setdefault(target, []).append(op_step(op, inp))
+        for name, steps in parts_steps(parts.modules, parts.ops, inp).items():
+            by_tensor.setdefault(name, []).extend(steps)
     for name, steps in by_tensor.items():
         check_steps(name, steps)
+    config_updates: dict = {}
+    new_tensors: dict[str, tuple[str, TensorInfo]] = {}  # name → (after tensor, its source)
+    if tied is not None:
+        lm_name, emb_name = tied
+        changed = [n for n in tied if any(s.op != "rows" for s in by_tensor.get(n, ()))]
+        if changed:
+            msg = (
+                f"{', '.join(changed)} changes an embedding tied to {emb_name if changed == [lm_name] else lm_name} "
+                "(tie_word_embeddings): the merged model gets an untied lm_head and "
+                "tie_word_embeddings false, so that the one change does not silently become two"
+            )
+            if strict:
+                raise ValidationError(msg, hint="--strict refuses to untie; drop it to merge")
+            warnings.append(msg)
+            config_updates.update(_untie_config(facts))
+            if lm_name not in base.tensors:
+                new_tensors[lm_name] = (emb_name, base.tensors[emb_name])
     new_history = history + [
         {"adapter": i.label, "sha256": i.sha256, "weight": i.weight} for i in inputs
     ]
@@ -347,23 +400,26 @@ def plan_merge(
         infos = sorted(
             ((k, t) for k, t in base.tensors.items() if t.file == f), key=lambda kt: kt[1].start
         )
+        items = [(key, info.name, info) for key, info in infos]
+        items += [(n, n, src) for n, (_, src) in new_tensors.items() if src.file == f]
         entries, plans, pos = [], [], 0
-        for key, info in infos:
+        for key, stored, info in items:
             steps = tuple(by_tensor.get(key, ()))
             shape = info.shape
             for s in steps:
                 shape = s.out_shape(shape)
             out_dtype = forced if (forced and info.dtype in FLOAT_DTYPES) else info.dtype
             size = DTYPE_SIZES[out_dtype]
-            for s in shape:
-                size *= s
-            entries.append((info.name, out_dtype, shape, pos, pos + size))
+            for d in shape:
+                size *= d
+            entries.append((stored, out_dtype, shape, pos, pos + size))
             plans.append(
                 TensorPlan(key, info, out_dtype, pos, steps, shape if shape != info.shape else None)
             )
             pos += size
         name = out.name if base.index_path is None and base.root.is_file() else out_name(base, f)
         files.append(FilePlan(name, header_bytes(entries, src_meta), tuple(plans)))
+    config_updates.update(_vocab_update(files, facts, tied))
     index = None
     if base.index_path is not None:
         index = {
@@ -400,6 +456,11 @@ def plan_merge(
                 warnings.append(msg)
                 continue
             extra.append(p)
+    if config_updates and not any(p.name == "config.json" for p in extra):
+        warnings.append(
+            f"the merged model needs config.json changes ({', '.join(sorted(config_updates))}) "
+            "but the base has no config.json beside it"
+        )
     plan = MergePlan(
         base,
         out,
@@ -410,6 +471,7 @@ def plan_merge(
         tuple(extra),
         index,
         tuple(warnings),
+        config_updates,
         force=force,
         indexes=indexes,
     )
@@ -425,6 +487,51 @@ def base_file_roots(base: BaseIndex) -> list[Path]:
     if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
         roots.append(root.parent.parent / "blobs")
     return roots
+
+
+def tied_embeddings(base: BaseIndex, facts: BaseFacts) -> tuple[str, str] | None:
+    """(lm_head, input embedding) when the model ties them: the config says so, or says
+    nothing (transformers 4 defaulted to tying) and the checkpoint holds no lm_head."""
+    shapes = {n: t.shape for n, t in base.tensors.items()}
+    pair = tied_pair(base.tensors, shapes)
+    tie = facts.tie_word_embeddings
+    if pair is not None:
+        return pair if tie is not False else None
+    if tie:  # both stored, but transformers ties them at load: the stored lm_head is ignored
+        for out in OUTPUT_EMBEDDINGS:
+            if out in shapes:
+                inputs = [
+                    k for k in shapes if k.endswith(INPUT_EMBEDDINGS) and shapes[k] == shapes[out]
+                ]
+                if len(inputs) == 1:
+                    return out, inputs[0]
+    return None
+
+
+def _untie_config(facts: BaseFacts) -> dict:
+    cfg = facts.config
+    text = cfg.get("text_config")
+    if isinstance(text, dict) and "tie_word_embeddings" in text:
+        return {"tie_word_embeddings": False, "text_config": {**text, "tie_word_embeddings": False}}
+    return {"tie_word_embeddings": False}
+
+
+def _vocab_update(files, facts: BaseFacts, tied) -> dict:
+    """A replaced input embedding of another length (new tokens) gives config.json its new
+    vocab_size (in text_config where the config keeps it there)."""
+    for fp in files:
+        for tp in fp.tensors:
+            if tp.out_shape is None or tp.src is None or tp.name != (tied[1] if tied else tp.name):
+                continue
+            if not tp.name.endswith(INPUT_EMBEDDINGS):
+                continue
+            n = tp.out_shape[0]
+            cfg = facts.config
+            text = cfg.get("text_config")
+            if "vocab_size" not in cfg and isinstance(text, dict) and "vocab_size" in text:
+                return {"text_config": {**text, "vocab_size": n}}
+            return {"vocab_size": n}
+    return {}
 
 
 def _check_space(plan: MergePlan) -> None:
