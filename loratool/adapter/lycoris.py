@@ -150,7 +150,7 @@ class _Lycoris(Module):
     def shapes(self) -> tuple[list[int], list[int]]:
         return list(self._flat_shape()), list(self.base_shape)
 
-    def fit(self, shape, *, source=None, where=None) -> Module:
+    def fit(self, shape, *, source=None, where=None, facts=None) -> Module:
         """Fits a base tensor whose 2-D view (out, in·k…) is ΔW's; records its real shape."""
         shape = tuple(int(s) for s in shape)
         want = shape
