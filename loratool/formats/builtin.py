@@ -34,7 +34,7 @@ def single_model(adapter: Adapter, ctx: WriteContext, fmt: str) -> Adapter:
     """The adapter as one model's modules (``<path>.weight``): a pipeline adapter's component
     prefix is dropped, or ``--component`` picks one component out of several."""
     groups: dict[str | None, dict[str, str]] = {}
-    for name in adapter.modules:
+    for name in [*adapter.modules, *adapter.ops]:
         mid = naming.parse(name)
         if mid.path is None:
             raise ValidationError(
@@ -42,7 +42,13 @@ def single_model(adapter: Adapter, ctx: WriteContext, fmt: str) -> Adapter:
                 tensor=name,
                 hint="pass --base with the model it is for",
             )
-        groups.setdefault(mid.component if mid.explicit else None, {})[name] = mid.path + ".weight"
+        if "." not in name:  # a kohya stem: its dotted path
+            new = mid.path + ".weight"
+        elif mid.explicit and name.startswith(f"{mid.component}."):
+            new = name[len(mid.component) + 1 :]  # the component prefix dropped, the rest kept
+        else:
+            new = name  # expert parameters, biases: not always ``.weight``
+        groups.setdefault(mid.component if mid.explicit else None, {})[name] = new
     if ctx.component is not None:
         if ctx.component not in groups:
             have = ", ".join(sorted(str(c) for c in groups))
@@ -56,11 +62,16 @@ def single_model(adapter: Adapter, ctx: WriteContext, fmt: str) -> Adapter:
         )
     else:
         chosen = next(iter(groups.values()))
-    mods = {new: adapter.modules[old].with_name(new) for old, new in chosen.items()}
-    dropped = len(adapter.modules) - len(mods)
+    mods = {
+        new: adapter.modules[old].with_name(new)
+        for old, new in chosen.items()
+        if old in adapter.modules
+    }
+    ops = {new: adapter.ops[old].retarget(new) for old, new in chosen.items() if old in adapter.ops}
+    dropped = len(adapter.modules) + len(adapter.ops) - len(mods) - len(ops)
     if dropped:
         ctx.warn(f"{dropped} modules of other components left out (--component {ctx.component})")
-    return Adapter(mods, adapter.meta, dict(adapter.origin), dict(adapter.extra_tensors))
+    return Adapter(mods, adapter.meta, dict(adapter.origin), dict(adapter.extra_tensors), ops)
 
 
 def _peft_write(adapter: Adapter, dest: Path, ctx: WriteContext) -> None:
