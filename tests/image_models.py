@@ -241,6 +241,49 @@ def bfl_to_flux(ckpt: dict, n_double: int, n_single: int, inner: int) -> dict:
     return out
 
 
+# -- a pipeline directory -------------------------------------------------------------------------
+
+
+def save_sd_pipeline(root: Path, unet, clip, *, shard_text_encoder: bool = False) -> Path:
+    """A StableDiffusionPipeline saved by diffusers (no tokenizer: offline), optionally its text
+    encoder re-saved sharded (a component index)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(4,),
+        latent_channels=4,
+        norm_num_groups=2,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        layers_per_block=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=None,
+        unet=unet,
+        scheduler=DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(root, safe_serialization=True)
+    if shard_text_encoder:
+        (root / "text_encoder" / "model.safetensors").unlink()
+        clip.save_pretrained(root / "text_encoder", max_shard_size="4KB")
+    return root
+
+
+def read_component(folder: Path) -> dict:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        from safetensors.torch import load_file
+
+        out.update(load_file(f))
+    return out
+
+
 # -- adapters -----------------------------------------------------------------------------------
 
 
@@ -289,6 +332,8 @@ __all__ = [
     "kohya_delta",
     "kohya_lora",
     "openclip_from_clip",
+    "read_component",
+    "save_sd_pipeline",
     "tiny_clip",
     "tiny_flux",
     "tiny_unet",

@@ -23,6 +23,8 @@ from image_models import (
     kohya_delta,
     kohya_lora,
     openclip_from_clip,
+    read_component,
+    save_sd_pipeline,
     tiny_clip,
     tiny_flux,
     tiny_unet,
@@ -91,34 +93,10 @@ def kohya_sd(sd_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipeline_dir(sd_models, tmp_path_factory):
-    """A StableDiffusionPipeline saved by diffusers (no tokenizer: offline), its text encoder
-    re-saved sharded so a component index is exercised."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-
     unet, clip, _, _ = sd_models
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(4,),
-        latent_channels=4,
-        norm_num_groups=2,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        layers_per_block=1,
+    root = save_sd_pipeline(
+        tmp_path_factory.mktemp("pipe") / "sd", unet, clip, shard_text_encoder=True
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=clip,
-        tokenizer=None,
-        unet=unet,
-        scheduler=DDIMScheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    root = tmp_path_factory.mktemp("pipe") / "sd"
-    pipe.save_pretrained(root, safe_serialization=True)
-    (root / "text_encoder" / "model.safetensors").unlink()
-    clip.save_pretrained(root / "text_encoder", max_shard_size="4KB")
     assert (root / "text_encoder" / "model.safetensors.index.json").exists()
     return root
 
@@ -129,13 +107,6 @@ def load_pipe(root):
     return StableDiffusionPipeline.from_pretrained(
         root, safety_checker=None, tokenizer=None, feature_extractor=None, image_encoder=None
     )
-
-
-def read_component(folder):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def test_pipeline_merge_equals_diffusers_fuse(pipeline_dir, kohya_sd, tmp_path, cli_run):

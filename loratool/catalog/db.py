@@ -951,6 +951,7 @@ class Catalog:
         force: bool = False,
         base: str | os.PathLike | None = None,
         component: str | None = None,
+        rule=None,
     ):
         """Write the adapter out in any writable format (``formats.registry``); returns the
         conversion report (its ``warnings`` name whatever the format approximated).
@@ -967,7 +968,7 @@ class Catalog:
                 f"unknown format {fmt!r}; choose one of {', '.join(WRITE_FORMATS)}"
             )
         adapter = self.load(name)
-        return convert(adapter, dest, fmt, base=base, component=component, force=force)
+        return convert(adapter, dest, fmt, base=base, component=component, force=force, rule=rule)
 
     def _taken(self, name: str) -> None:
         row = self._row(name)

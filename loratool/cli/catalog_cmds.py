@@ -321,16 +321,29 @@ def remove(ctx, name):
     echo(f"removed {name}")
 
 
-FORMAT_NAMES = ["peft", "kohya", "diffusers", "mlx", "gguf", "loratool"]
+FORMAT_NAMES = ["peft", "kohya", "lycoris", "diffusers", "mlx", "gguf", "loratool"]
 FORMAT_HELP = (
     "peft: a directory PeftModel.from_pretrained loads; kohya: sd-scripts/ComfyUI names; "
+    "lycoris: lycoris-lora's file (keeps LoHa/LoKr as they are); "
     "diffusers: what load_lora_weights reads; mlx: an mlx-lm adapter directory; gguf: a "
     "llama.cpp adapter (needs --base); loratool: the catalog's own file."
 )
 
 
 def conversion_options(f):
-    """--base and --component, shared by export and convert."""
+    """--base, --component, --rank and --energy, shared by export and convert."""
+    f = click.option(
+        "--energy",
+        type=float,
+        help="LyCORIS modules (LoHa, LoKr…) written as LoRA keep the fewest singular values "
+        "holding this share of ΔW's energy (Σσ²); default: all of them (exact).",
+    )(f)
+    f = click.option(
+        "--rank",
+        type=int,
+        help="LyCORIS modules (LoHa, LoKr…) written as LoRA are truncated to this rank by SVD; "
+        "the energy kept is reported per module. Default: exact.",
+    )(f)
     f = click.option(
         "--component",
         type=click.Choice(
@@ -346,6 +359,17 @@ def conversion_options(f):
         "resolved against its tensors, and GGUF reads its config.json.",
     )(f)
     return f
+
+
+def lycoris_rule(rank: int | None, energy: float | None):
+    """The rank rule LyCORIS modules are written as LoRA with (None: exact)."""
+    if rank is not None and energy is not None:
+        raise click.UsageError("give --rank or --energy, not both")
+    if rank is None and energy is None:
+        return None
+    from ..rank import RankRule
+
+    return RankRule("rank", rank) if rank is not None else RankRule("energy", energy)
 
 
 def echo_conversion(report, json_: bool, what: str) -> None:
@@ -376,7 +400,7 @@ def echo_conversion(report, json_: bool, what: str) -> None:
 @click.option("--force", is_flag=True, help="Replace DEST if it exists.")
 @json_option
 @click.pass_context
-def export(ctx, name, dest, fmt, base, component, force, json_):
+def export(ctx, name, dest, fmt, base, component, rank, energy, force, json_):
     """Write a catalog adapter to DEST in any writable format.
 
     Its blob is re-hashed first: a corrupt one is refused. What the format cannot carry
@@ -389,7 +413,15 @@ def export(ctx, name, dest, fmt, base, component, force, json_):
     """
     cat = _catalog(ctx, read=True)
     try:
-        report = cat.export(name, dest, fmt, force=force, base=base, component=component)
+        report = cat.export(
+            name,
+            dest,
+            fmt,
+            force=force,
+            base=base,
+            component=component,
+            rule=lycoris_rule(rank, energy),
+        )
     finally:
         cat.close()
     echo_conversion(report, json_, f"exported {name}")

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import click
 
-from .catalog_cmds import FORMAT_HELP, FORMAT_NAMES, conversion_options, echo_conversion
+from .catalog_cmds import (
+    FORMAT_HELP,
+    FORMAT_NAMES,
+    conversion_options,
+    echo_conversion,
+    lycoris_rule,
+)
 from .options import check_out, home_from, json_option
 
 
@@ -16,7 +22,7 @@ from .options import check_out, home_from, json_option
 @click.option("--force", is_flag=True, help="Replace DEST if it exists.")
 @json_option
 @click.pass_context
-def convert(ctx, src, dest, to, base, component, force, json_):
+def convert(ctx, src, dest, to, base, component, rank, energy, force, json_):
     """Convert the adapter SRC (a path in any readable format, or a catalog name) to DEST.
 
     Names are resolved against --base where the target needs the model's own names (a kohya
@@ -27,11 +33,20 @@ def convert(ctx, src, dest, to, base, component, force, json_):
     Example:
       loratool convert style.safetensors style-diffusers.safetensors --to diffusers
       loratool convert ./sql-lora sql.gguf --to gguf --base ./Llama-3.2-1B
+      loratool convert style-loha.safetensors ./style-peft --to peft --base ./sd15 --energy 0.99
     """
     from ..formats.convert import convert as run
     from ..sources import open_adapter
 
     check_out(ctx, dest, [src, base], force)
     adapter = open_adapter(src, home_from(ctx)).adapter
-    report = run(adapter, dest, to, base=base, component=component, force=force)
+    report = run(
+        adapter,
+        dest,
+        to,
+        base=base,
+        component=component,
+        force=force,
+        rule=lycoris_rule(rank, energy),
+    )
     echo_conversion(report, json_, f"converted {src}")

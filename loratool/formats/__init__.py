@@ -1,7 +1,7 @@
 """Reading and writing adapters in every supported format, through the formats registry.
 
 Each format is a module that registers a ``registry.Format`` (detect / read / write):
-``builtin`` (peft, loratool), ``kohya``, ``diffusers``, ``mlx``, ``gguf``. ``detect_format``
+``builtin`` (peft, loratool), ``kohya``, ``lycoris``, ``diffusers``, ``mlx``, ``gguf``. ``detect_format``
 asks each in priority order; ``load_adapter`` reads with the one that answers; ``save_adapter``
 writes atomically with the named one; ``convert`` does both, resolving names against a base when
 given one.
@@ -16,7 +16,7 @@ from ..adapter import Adapter
 from ..errors import FormatError, NotFoundError
 from ..fsutil import atomic_dir, atomic_file
 from ..tensors.header import read_header, refuse_pickle
-from . import builtin, diffusers, gguf, kohya, mlx  # noqa: F401  (each registers itself)
+from . import builtin, diffusers, gguf, kohya, lycoris, mlx  # noqa: F401  (each registers itself)
 from .registry import WriteContext, get, readable, writable
 from .resolve import resolve
 

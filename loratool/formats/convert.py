@@ -30,15 +30,20 @@ class ConvertReport:
     format: str
     modules: int
     warnings: list[str] = field(default_factory=list)
+    # LyCORIS modules written as LoRA (tolora.to_lora): name → kind, ranks, energy kept
+    converted: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "dest": str(self.dest),
             "from": self.source_format,
             "to": self.format,
             "modules": self.modules,
             "warnings": list(self.warnings),
         }
+        if self.converted:
+            out["converted"] = self.converted
+        return out
 
 
 def base_config(base: str | os.PathLike) -> dict | None:
@@ -92,7 +97,10 @@ def convert(
     base: str | os.PathLike | None = None,
     component: str | None = None,
     force: bool = False,
+    rule=None,
 ) -> ConvertReport:
+    """``rule`` (a ``rank.RankRule``): how LyCORIS modules are truncated when the target holds
+    only LoRA (default: every singular value the arithmetic resolves, i.e. exact)."""
     from . import save_adapter
 
     check_destination(dest, inputs=[base], force=force)
@@ -109,5 +117,38 @@ def convert(
         adapter = resolve_keeping_components(adapter, base)
         ctx.base = None
         ctx.base_config = base_config(base)
+    converted = {}
+    if to not in KEEPS_LYCORIS:
+        from ..tolora import needs_conversion, to_lora
+
+        if needs_conversion(adapter):
+            adapter, converted = to_lora(adapter, rule)
+            ctx.warnings.extend(lycoris_warnings(converted, to))
     out = save_adapter(adapter, dest, to, force=force, ctx=ctx)
-    return ConvertReport(out, source_format, to, len(adapter.modules), ctx.warnings)
+    return ConvertReport(out, source_format, to, len(adapter.modules), ctx.warnings, converted)
+
+
+# formats that hold LoHa / LoKr / Tucker LoCon modules as they are
+KEEPS_LYCORIS = ("lycoris", "loratool")
+
+
+def lycoris_warnings(converted: dict[str, dict], to: str) -> list[str]:
+    """One line per kind of approximation made writing LyCORIS modules as LoRA."""
+    out = []
+    lossy = {n: r for n, r in converted.items() if r["energy_kept"] < 1.0 - 1e-9}
+    out.append(
+        f"{len(converted)} LyCORIS modules written as {to} LoRA by SVD of their ΔW"
+        + (
+            f"; {len(lossy)} truncated (least energy kept "
+            f"{min(r['energy_kept'] for r in lossy.values()):.6f}, in {min(lossy, key=lambda n: lossy[n]['energy_kept'])})"
+            if lossy
+            else " (every singular value kept: exact to rounding)"
+        )
+    )
+    assumed = sorted(n for n, r in converted.items() if r["shape_assumed"])
+    if assumed:
+        out.append(
+            f"{len(assumed)} LoHa/LoKr modules without a Tucker core written as Linear (their "
+            f"factors flatten a conv kernel; pass --base to know), e.g. {assumed[0]}"
+        )
+    return out

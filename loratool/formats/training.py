@@ -119,7 +119,7 @@ def training_of(adapter: Adapter) -> dict[str, str]:
 
     o = adapter.origin
     parts = []
-    for key in ("kohya_metadata", "diffusers_metadata"):
+    for key in ("kohya_metadata", "diffusers_metadata", "lycoris_metadata"):
         if o.get(key):
             parts.append(from_safetensors_metadata(o[key]))
     if o.get("diffusers_metadata"):
