@@ -278,7 +278,7 @@ def one_line(exc) -> str:
                 "lora_unet_a.hada_w1_a": torch.ones(4, 2),
                 "lora_unet_a.alpha": torch.tensor(1.0),
             },
-            "mixes LoHa and LoKr",
+            "mixes LyCORIS LoHa and LoKr",
         ),
         (
             {

@@ -156,7 +156,7 @@ def _module(stem: str, parts: dict, source):
     ]
     if len(algos) > 1:
         raise ValidationError(
-            f"mixes {' and '.join(algos)} tensors in one module", file=source, tensor=stem
+            f"mixes LyCORIS {' and '.join(algos)} tensors in one module", file=source, tensor=stem
         )
     if not algos:
         raise ValidationError("has an alpha but no factors", file=source, tensor=key("alpha"))
