@@ -6,6 +6,7 @@ sharded base is described without reading a byte of tensor data.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 
@@ -27,14 +28,29 @@ def adapter_figures(row: dict) -> dict:
 
 
 def base_figures(path: str | os.PathLike) -> dict:
-    """Parameters and tensor bytes of a base, from its headers alone."""
+    """Parameters and tensor bytes of a base, from its headers alone.
+
+    A quantized base (``loratool.quant``) counts its parameters as the model holds them (a
+    packed 4-bit weight of n bytes is 2n parameters; scales are not parameters) and its bytes
+    as stored.
+    """
+    import math
+
+    from .quant import detect_base, logical_shapes
+
     base = read_base(path)
-    return {
+    qb = detect_base(base)
+    doc = {
         "path": str(path),
         "params": base.total_params,
         "bytes": base.total_bytes,
         "files": len(base.files),
     }
+    if qb is not None:
+        doc["params"] = sum(math.prod(t.shape) for t in logical_shapes(base, qb).values())
+        doc["quantization"] = qb.describe()
+        doc["quantized_weights"] = len(qb.weights)
+    return doc
 
 
 def catalog_figures(adapters: list[dict], base: dict) -> dict:
@@ -105,12 +121,15 @@ def hypothetical_from_base(
     a Linear d×k: r·(d+k) parameters stand for d·k.
     """
     from .errors import ValidationError
+    from .quant import detect_base, logical_shapes
     from .savings_config import DTYPE_BYTES, match_targets
 
     base = read_base(base_path)
+    # a quantized base's weights as the model holds them, not their packed storage
+    logical = logical_shapes(base, detect_base(base))
     mats = {
         n.removesuffix(".weight"): t
-        for n, t in base.tensors.items()
+        for n, t in logical.items()
         if n.endswith(".weight") and len(t.shape) == 2
     }
     hits = match_targets(list(mats), targets)
@@ -129,8 +148,8 @@ def hypothetical_from_base(
         "bytes": params * size,
         "modules": len(hits),
         "compression": dense / params,
-        "base_params": base.total_params,
-        "base_bytes": base.total_params * size,
+        "base_params": (n_base := sum(math.prod(t.shape) for t in logical.values())),
+        "base_bytes": n_base * size,
         "rank": rank,
         "targets": targets,
         "dtype": dtype,

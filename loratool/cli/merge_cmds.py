@@ -27,12 +27,14 @@ def _open_inputs(ctx, weighted, sign: float):
     return inputs
 
 
-def _run(ctx, base, specs, out, sign, device, dtype, force, strict, json_, check_base=None):
+def _run(
+    ctx, base, specs, out, sign, device, dtype, force, strict, json_, check_base=None, onto=None
+):
     from ..merge import execute, plan_merge
     from . import render
 
     weighted = [parse_weighted(spec, ctx) for spec in specs]
-    check_out(ctx, out, [base, check_base, *(name for name, _ in weighted)], force)
+    check_out(ctx, out, [base, check_base, onto, *(name for name, _ in weighted)], force)
     plan = plan_merge(
         base,
         _open_inputs(ctx, weighted, sign),
@@ -41,6 +43,7 @@ def _run(ctx, base, specs, out, sign, device, dtype, force, strict, json_, check
         device=device,
         force=force,
         strict=strict,
+        onto_dequantized=onto,
     )
     for w in plan.warnings:
         render.warn(w)
@@ -57,6 +60,16 @@ def _run(ctx, base, specs, out, sign, device, dtype, force, strict, json_, check
                 else ""
             )
         )
+        q = result.quantization
+        if q and q.get("worst_tensor"):
+            kept = q.get("min_delta_kept")
+            render.echo(
+                f"{q['description']}: {q['weights_rewritten']} of {q['weights']} weights "
+                f"{'dequantized' if q['mode'] == 'dequantize' else 'requantized'}; worst vs the "
+                f"exact float32 merge: {q['worst_tensor']}, max rel error {q['max_rel_error']:.3g}, "
+                f"rms {q['rms_rel_error']:.3g}"
+                + (f"; ΔW kept ≥ {kept:.1%}" if kept is not None else "")
+            )
     return result
 
 
@@ -75,9 +88,17 @@ def _run(ctx, base, specs, out, sign, device, dtype, force, strict, json_, check
     help="Refuse, rather than warn about, an adapter made for another base or a file of BASE "
     "that is a link to outside it.",
 )
+@click.option(
+    "--onto-dequantized",
+    "onto",
+    type=click.Path(exists=True),
+    metavar="Q4BASE",
+    help="Merge into the dequantized weights of Q4BASE (the 4-bit base a QLoRA adapter was "
+    "trained on, a quantization of BASE), written in BASE's 16-bit dtype.",
+)
 @json_option
 @click.pass_context
-def merge(ctx, base, adapters, out, device, dtype, force, strict, json_):
+def merge(ctx, base, adapters, out, device, dtype, force, strict, onto, json_):
     """Merge adapters into BASE: W ← W + Σ weight·ΔW, written as a new model at OUT.
 
     BASE is a .safetensors file, a directory with model.safetensors, or a sharded directory
@@ -86,13 +107,22 @@ def merge(ctx, base, adapters, out, device, dtype, force, strict, json_):
     untouched tensors are copied byte for byte, touched ones are summed in float32 and rounded
     once. Provenance is recorded in the output's safetensors metadata.
 
+    A quantized BASE (block FP8, compressed-tensors FP8, MXFP4, bitsandbytes 4-bit, named by
+    config.json's quantization_config) is merged weight by weight: the values and scales are
+    decoded exactly as the scheme defines, ΔW is added in float32, and the result is either
+    requantized with fresh scales (the default: the output keeps the scheme) or, with
+    --dtype, every weight is written dequantized and the output is an ordinary model. The
+    error each rewritten weight carries against the exact float32 merge is reported.
+
     \b
     Examples:
       loratool merge ./llama ./my-adapter -o ./llama-merged
       loratool merge ./llama summarize=0.7 translate=0.3 -o ./mixed --dtype bfloat16
       loratool merge ./llama-merged summarize=-1 translate=1 -o ./llama-translate   # swap tasks
+      loratool merge ./qwen3-fp8 ./my-adapter -o ./qwen3-fp8-merged      # stays FP8
+      loratool merge ./llama ./qlora-adapter --onto-dequantized ./llama-bnb-4bit -o ./merged
     """
-    result = _run(ctx, base, adapters, out, 1.0, device, dtype, force, strict, json_)
+    result = _run(ctx, base, adapters, out, 1.0, device, dtype, force, strict, json_, onto=onto)
     if json_:
         emit_json(result.as_dict())
 
@@ -140,7 +170,15 @@ def unmerge(ctx, merged, adapters, out, check_base, device, dtype, force, json_)
                 for k in ("max_abs_error", "max_ulp_error", "tensors_checked", "tensors_exact")
             }
         )
-        if not json_:
+        if not json_ and "scheme" in check:
+            render.echo(
+                f"check against {check_base} ({check['scheme']}): {check['tensors_exact']}/"
+                f"{check['tensors_checked']} tensors bit-exact, max abs error {check['max_abs_error']:.3g}"
+                + (f" (worst: {check['worst_tensor']})" if check["worst_tensor"] else "")
+                + f", max {check['max_error_in_steps']:.3g} of the scheme's steps "
+                "(the gap between neighbouring representable values at that element's scale)"
+            )
+        elif not json_:
             render.echo(
                 f"check against {check_base}: {check['tensors_exact']}/{check['tensors_checked']} tensors bit-exact, "
                 f"max abs error {check['max_abs_error']:.3g}"

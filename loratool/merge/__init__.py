@@ -61,10 +61,18 @@ def merge(
     device: str = "auto",
     force: bool = False,
     strict: bool = False,
+    onto_dequantized: str | os.PathLike | None = None,
     progress: Callable[[int, str | None], None] | None = None,
 ) -> MergeResult:
     """Plan and run a merge (negative weights unmerge). See ``plan_merge``."""
     plan = plan_merge(
-        base_path, inputs, out, dtype=dtype, device=device, force=force, strict=strict
+        base_path,
+        inputs,
+        out,
+        dtype=dtype,
+        device=device,
+        force=force,
+        strict=strict,
+        onto_dequantized=onto_dequantized,
     )
     return execute(plan, progress)

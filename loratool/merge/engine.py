@@ -32,6 +32,7 @@ from pathlib import Path
 from ..errors import ValidationError
 from ..fsutil import atomic_dir, atomic_file, contained_target, copy_contained
 from .plan import FilePlan, MergePlan, TensorPlan, base_file_roots, pick_device
+from .quant import run_group, summarize
 
 _COPY_CHUNK = 64 << 20
 
@@ -49,6 +50,8 @@ class MergeResult:
     torch_import_seconds: float = 0.0
     # one entry per tensor that is not a raw copy: name, op and steps (the audit)
     tensors: list[dict] = field(default_factory=list)
+    # a quantized base: its scheme, and the worst error a rewritten weight carries
+    quantization: dict | None = None
 
     @property
     def gbps(self) -> float:
@@ -66,6 +69,7 @@ class MergeResult:
             "torch_import_seconds": round(self.torch_import_seconds, 4),
             "warnings": self.warnings,
             "tensors": self.tensors,
+            **({"quantization": self.quantization} if self.quantization else {}),
         }
 
 
@@ -116,6 +120,13 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
         k = os.pwrite(fd, mv, offset)
         mv = mv[k:]
         offset += k
+
+
+def _as_bytes(t):
+    """A tensor's bytes, for pwrite (float8 and uint8 alike)."""
+    import torch
+
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _read_into(tp: TensorPlan, fd: int, buf) -> None:
@@ -269,13 +280,13 @@ def execute(
                 for p in plan.extra_files:
                     rel = p.relative_to(plan.base.root)
                     (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                    if rel.name == "config.json" and plan.config_updates:
+                    if rel.name == "config.json" and (plan.config_updates or plan.config_drop):
                         real = contained_target(p, roots)
                         if real is None:
                             raise ValidationError(
                                 "is a link to outside the model directory; not copied", file=p
                             )
-                        write_config(real, tmp / rel, plan.config_updates)
+                        write_config(real, tmp / rel, plan.config_updates, plan.config_drop)
                     else:
                         copy_contained(p, tmp / rel, roots)
     finally:
@@ -283,8 +294,24 @@ def execute(
             os.close(fd)
         engine.close()
     changed = plan.touched
-    total = sum(len(f.tensors) for f in plan.files)
+    total = sum(len(f.tensors) + len(f.groups) for f in plan.files)
     device = engine.device or (plan.device if plan.device != "auto" else "cpu")
+    audit = plan.audit()
+    quantization = None
+    if plan.quant is not None:
+        reports = {r["name"]: r for r in engine.quant_reports}
+        for entry in audit:
+            r = reports.get(entry["name"])
+            if r is not None:
+                entry.update({k: v for k, v in r.items() if k != "name"})
+        quantization = {
+            "scheme": plan.quant.scheme,
+            "description": plan.quant.describe(),
+            "mode": "dequantize" if plan.config_drop else "requantize",
+            "weights": len(plan.quant.weights),
+            "weights_rewritten": len(plan.groups),
+            **(summarize(list(reports.values())) or {}),
+        }
     return MergeResult(
         plan.out,
         device,
@@ -294,17 +321,21 @@ def execute(
         time.perf_counter() - t0,
         list(plan.warnings),
         engine.import_seconds,
-        plan.audit(),
+        audit,
+        quantization,
     )
 
 
-def write_config(src: Path, dest: Path, updates: dict) -> None:
-    """config.json with some keys set (as transformers writes it: indent 2, sorted keys)."""
+def write_config(src: Path, dest: Path, updates: dict, drop: tuple[str, ...] = ()) -> None:
+    """config.json with some keys set or dropped (as transformers writes it: indent 2,
+    sorted keys)."""
     try:
         config = json.loads(src.read_text())
     except (OSError, ValueError) as exc:
         raise ValidationError("cannot update config.json: not valid JSON", file=src) from exc
     config.update(updates)
+    for key in drop:
+        config.pop(key, None)
     dest.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -325,6 +356,7 @@ class _Engine:
         self.import_seconds = 0.0
         self.read: queue.Queue = queue.Queue()
         self.wide: queue.Queue = queue.Queue()
+        self.quant_reports: list[dict] = []  # one per quantized weight rewritten
         self._threads: int | None = None
         self._lock = threading.Lock()
 
@@ -481,6 +513,18 @@ def _write_file(fp: FilePlan, dest: Path, fds: dict[Path, int], progress, engine
                 pool.put(buf)
                 wrote(tp.out_nbytes, tp.name)
 
+        def quantizer() -> None:
+            # Quantized weights, one logical weight at a time: its parts are read, decoded,
+            # merged, encoded (or cast) and every output written at its planned offset.
+            for group in fp.groups:
+                if stop.is_set():
+                    return
+                outs, report = run_group(group)
+                for o in group.outputs:
+                    _pwrite_all(fd, _as_bytes(outs[o.name]), base + o.out_start)
+                    wrote(o.nbytes, o.name)
+                engine.quant_reports.append(report)
+
         def flusher() -> None:
             # Starts writeback of what is written every _FLUSH_EVERY bytes, in its own thread
             # so that no stage waits on the disk: the final fsync then finds little left.
@@ -501,6 +545,12 @@ def _write_file(fp: FilePlan, dest: Path, fds: dict[Path, int], progress, engine
         for w in workers:
             w.start()
         try:
+            if fp.groups:
+                engine.ready()
+                qstage = _Worker(quantizer, stop)
+                stages.append(qstage)
+                workers.append(qstage)
+                qstage.start()
             if computes:
                 engine.ready()
                 more_stages = [_Worker(fn, stop) for fn in (reader, merger, writer)]

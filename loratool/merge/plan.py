@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,13 +15,16 @@ from .. import __version__
 from ..adapter import Adapter, AddToTensor, Module, ReplaceRows, ReplaceTensor, TensorOp
 from ..bases import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, BaseFacts, read_facts, tied_pair
 from ..errors import ValidationError
+from ..formats.resolve import resolve
 from ..fsutil import check_destination, contained_target
-from ..image import resolve_parts
+from ..image import ResolvedParts, resolve_parts
+from ..quant import QuantizedBase, detect_base, logical_shapes, model_config
 from ..tensors.header import DTYPE_SIZES, FLOAT_DTYPES, BaseIndex, TensorInfo, read_base
 from ..tensors.io import header_bytes
 from ..tensors.pipeline import PipelineIndex, component_indexes, extra_candidates, out_name
 from ..weights import check_weight
 from .ops import AddStep, DeltaStep, DoraStep, ReplaceStep, RowsStep, Step
+from .quant import QuantGroup, anchor, group_outputs, plan_groups
 
 DTYPE_CHOICES = {"same": None, "float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 PROVENANCE_KEY = "loratool.merges"
@@ -106,10 +110,21 @@ class FilePlan:
     name: str  # file name inside the output (or the output file itself for a single file)
     header: bytes  # the complete 8-byte length + JSON header
     tensors: tuple[TensorPlan, ...]
+    # quantized logical weights written through their codec (merge/quant.py)
+    groups: tuple[QuantGroup, ...] = ()
 
     @property
     def size(self) -> int:
-        return len(self.header) + sum(t.out_nbytes for t in self.tensors)
+        return (
+            len(self.header)
+            + sum(t.out_nbytes for t in self.tensors)
+            + sum(g.out_nbytes for g in self.groups)
+        )
+
+    @property
+    def names(self) -> list[str]:
+        """Every tensor name the file holds, in the order of the plan."""
+        return [t.name for t in self.tensors] + [o.name for g in self.groups for o in g.outputs]
 
 
 @dataclass(frozen=True)
@@ -128,6 +143,13 @@ class MergePlan:
     force: bool = False  # replace an existing OUT (never an input: see plan_merge)
     # a pipeline's per-component indexes: (path inside OUT, index JSON)
     indexes: tuple[tuple[str, dict], ...] = ()
+    # keys of config.json to drop (quantization_config when every weight is dequantized)
+    config_drop: tuple[str, ...] = ()
+    quant: QuantizedBase | None = None  # the base's quantization scheme, if any
+
+    @property
+    def groups(self) -> list[QuantGroup]:
+        return [g for f in self.files for g in f.groups]
 
     @property
     def total_bytes(self) -> int:
@@ -139,11 +161,13 @@ class MergePlan:
 
     @property
     def touched(self) -> int:
-        return sum(1 for t in self.tensor_plans if t.steps)
+        return sum(1 for t in self.tensor_plans if t.steps) + sum(1 for g in self.groups if g.steps)
 
     def audit(self) -> list[dict]:
         """One entry per tensor that is not a raw copy: its name and the operation(s)."""
-        return [t.audit() for t in self.tensor_plans if not t.raw_copy]
+        return [t.audit() for t in self.tensor_plans if not t.raw_copy] + [
+            g.audit() for g in self.groups
+        ]
 
 
 # -- the base's identity and history -------------------------------------------------------
@@ -306,8 +330,14 @@ def plan_merge(
     device: str = "auto",
     force: bool = False,
     strict: bool = False,
+    onto_dequantized: str | os.PathLike | None = None,
 ) -> MergePlan:
-    """Validate everything a merge needs and freeze it into a plan; writes nothing."""
+    """Validate everything a merge needs and freeze it into a plan; writes nothing.
+
+    ``onto_dequantized``: a 4-bit quantization of ``base_path`` (the base a QLoRA adapter was
+    trained on); the merge then goes into its dequantized weights, written in the 16-bit base's
+    dtype (or ``dtype``), as the QLoRA authors advise.
+    """
     out = Path(out)
     # What the merge reads may never be what it writes, checked before the base is read and
     # again once its files are known (a shard may be a link to elsewhere). --force replaces
@@ -318,6 +348,11 @@ def plan_merge(
     check_destination(
         out, inputs=[base.root, *base.files, base.index_path], force=force, exists_check=False
     )
+    if onto_dequantized is not None:
+        base, dtype = onto_quantized(base, read_base(onto_dequantized), dtype)
+        check_destination(
+            out, inputs=[base.root, *base.files, base.index_path], force=force, exists_check=False
+        )
     if dtype not in DTYPE_CHOICES:
         raise ValidationError(
             f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}"
@@ -338,15 +373,31 @@ def plan_merge(
     if tied is not None and tied[0] not in base.tensors:
         virtual[tied[0]] = base.tensors[tied[1]].shape  # the lm_head tied to the embedding
     by_tensor: dict[str, list[Step]] = {}
+    # a quantized base is resolved against its logical weights (what the model's parameters
+    # hold), not the stored values and scales; a scheme loratool cannot merge stops here
+    qb = detect_base(base)
+    against = logical_shapes(base, qb) if qb is not None else base
     for inp in inputs:
         # per base tensor: the modules and operations that change it (an image base maps
-        # components, original layouts and fused tensors; see loratool/image)
-        parts = resolve_parts(
-            inp.adapter, base, source=inp.label, strict=strict, facts=facts, virtual=virtual
-        )
+        # components, original layouts and fused tensors; see loratool/image); a quantized
+        # base's logical weights stand in for its stored values and scales
+        if qb is not None:
+            resolved = resolve(inp.adapter, against, source=inp.label)
+            parts = ResolvedParts(list(resolved.modules.items()), list(resolved.ops.items()))
+        else:
+            parts = resolve_parts(
+                inp.adapter, base, source=inp.label, strict=strict, facts=facts, virtual=virtual
+            )
         warnings += parts.warnings
         adapter = inp.adapter
         declared = adapter.meta.base_model
+        trained_on = four_bit_base(declared)
+        if trained_on and (qb is None or not qb.codec.four_bit):
+            warnings.append(
+                f"{inp.label} was trained on a 4-bit base ({trained_on}): merged into "
+                f"{'8-bit' if qb is not None else '16-bit'} weights it carries that base's "
+                "quantization error; --onto-dequantized Q4BASE merges into the weights it was trained on"
+            )
         if declared:
             short = declared.rstrip("/").rsplit("/", 1)[-1].lower()
             if short not in ident:
@@ -389,6 +440,14 @@ def plan_merge(
     new_history = history + [
         {"adapter": i.label, "sha256": i.sha256, "weight": i.weight} for i in inputs
     ]
+    groups = plan_groups(qb, by_tensor, forced) if qb is not None else {}
+    in_group: dict[str, str] = {}  # stored part → its group's logical weight
+    anchors: dict[str, str] = {}  # the stored part where a group's outputs are laid out
+    for lname in groups:
+        lw = qb.weights[lname]
+        for part in lw.stored_names:
+            in_group[part] = lname
+        anchors[anchor(lw, list(base.files)).name] = lname
     files: list[FilePlan] = []
     for f in base.files:
         src_meta = dict(base.file_metadata.get(f, {}))
@@ -402,8 +461,20 @@ def plan_merge(
         )
         items = [(key, info.name, info) for key, info in infos]
         items += [(n, n, src) for n, (_, src) in new_tensors.items() if src.file == f]
-        entries, plans, pos = [], [], 0
+        entries, plans, fgroups, pos = [], [], [], 0
         for key, stored, info in items:
+            if key in in_group:
+                lname = anchors.get(key)
+                if lname is None:
+                    continue  # written by its group, at the group's anchor
+                mode, gsteps = groups[lname]
+                lw = qb.weights[lname]
+                outs = group_outputs(lw, mode, forced, pos)
+                for o in outs:
+                    entries.append((o.name, o.dtype, o.shape, o.out_start, o.out_start + o.nbytes))
+                    pos += o.nbytes
+                fgroups.append(QuantGroup(lw, qb.scheme, mode, tuple(gsteps), tuple(outs)))
+                continue
             steps = tuple(by_tensor.get(key, ()))
             shape = info.shape
             for s in steps:
@@ -418,7 +489,7 @@ def plan_merge(
             )
             pos += size
         name = out.name if base.index_path is None and base.root.is_file() else out_name(base, f)
-        files.append(FilePlan(name, header_bytes(entries, src_meta), tuple(plans)))
+        files.append(FilePlan(name, header_bytes(entries, src_meta), tuple(plans), tuple(fgroups)))
     config_updates.update(_vocab_update(files, facts, tied))
     index = None
     if base.index_path is not None:
@@ -427,7 +498,7 @@ def plan_merge(
                 **base.index_metadata,
                 "total_size": sum(f.size - len(f.header) for f in files),
             },
-            "weight_map": {t.name: f.name for f in files for t in f.tensors},
+            "weight_map": {n: f.name for f in files for n in f.names},
         }
     indexes: tuple = ()
     if isinstance(base, PipelineIndex):
@@ -456,6 +527,13 @@ def plan_merge(
                 warnings.append(msg)
                 continue
             extra.append(p)
+    config_drop: tuple[str, ...] = ()
+    if qb is not None and forced:
+        # every quantized weight is written dequantized: an ordinary model in that dtype
+        config_drop = ("quantization_config",)
+        config, _ = model_config(base)
+        key = "dtype" if "dtype" in (config or {}) else "torch_dtype"
+        config_updates[key] = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}[forced]
     if config_updates and not any(p.name == "config.json" for p in extra):
         warnings.append(
             f"the merged model needs config.json changes ({', '.join(sorted(config_updates))}) "
@@ -474,6 +552,8 @@ def plan_merge(
         config_updates,
         force=force,
         indexes=indexes,
+        config_drop=config_drop,
+        quant=qb,
     )
     _check_space(plan)
     return plan
@@ -532,6 +612,58 @@ def _vocab_update(files, facts: BaseFacts, tied) -> dict:
                 return {"text_config": {**text, "vocab_size": n}}
             return {"vocab_size": n}
     return {}
+
+
+_FOUR_BIT_NAME = re.compile(r"(bnb|4bit|4-bit|nf4|fp4|int4|w4a16|gptq|awq|qlora|mxfp4)", re.I)
+
+
+def four_bit_base(declared: str | None) -> str | None:
+    """The adapter's declared base, when it names a 4-bit model (a QLoRA adapter): a local
+    path whose config says so, or a name that does (``…-bnb-4bit``, ``…-GPTQ``)."""
+    if not declared:
+        return None
+    path = Path(declared)
+    if (path / "config.json").is_file():
+        try:
+            qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+        except (OSError, ValueError, AttributeError):
+            qc = {}
+        if qc.get("load_in_4bit") or qc.get("bits") == 4 or qc.get("quant_method") == "mxfp4":
+            return declared
+    return declared if _FOUR_BIT_NAME.search(declared) else None
+
+
+def onto_quantized(base16: BaseIndex, qbase: BaseIndex, dtype: str) -> tuple[BaseIndex, str]:
+    """--onto-dequantized: check that ``qbase`` is a 4-bit quantization of ``base16`` (the same
+    parameters, names and shapes) and pick the dtype its weights are written in."""
+    qb = detect_base(qbase)
+    if qb is None or not qb.codec.four_bit:
+        raise ValidationError(
+            "--onto-dequantized needs a 4-bit quantized base (bitsandbytes NF4/FP4, MXFP4)",
+            file=qbase.root,
+        )
+    logical = logical_shapes(qbase, qb)
+    for name, t in logical.items():
+        have = base16.tensors.get(name)
+        if have is None or tuple(have.shape) != tuple(t.shape):
+            raise ValidationError(
+                f"is not a quantization of {base16.root}: "
+                + ("no such tensor there" if have is None else f"shape {list(have.shape)} there"),
+                file=qbase.root,
+                tensor=name,
+            )
+    extra = sorted(set(base16.tensors) - set(logical))
+    if extra:
+        raise ValidationError(
+            f"is not a quantization of {base16.root}, which also holds this tensor",
+            file=qbase.root,
+            tensor=extra[0],
+        )
+    if dtype == "same":
+        w = next(iter(qb.weights))
+        tag = base16.tensors[w].dtype
+        dtype = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(tag, "bfloat16")
+    return qbase, dtype
 
 
 def _check_space(plan: MergePlan) -> None:

@@ -71,14 +71,16 @@ class Codec:
     - ``group(qc, tensors)``: every logical weight, by name, its parts found and checked
       (a missing or misshapen scale tensor is refused here, before anything is written).
     - ``decode(lw, parts)``: the float32 values, bit for bit what the reference computes.
-    - ``encode(lw, w)``: stored tensors for float32 ``w``, fresh scales by the reference's rule;
-      same roles, shapes and dtypes as ``lw.parts``.
+    - ``encode(lw, w)``: stored tensors for float32 ``w``, fresh scales by the reference's rule,
+      by role, with the shapes and dtypes of ``lw.parts``; a role left out (bitsandbytes'
+      quant map and JSON state) does not change and is copied as stored.
     """
 
     name: str = ""
     label: str = ""  # for people: "block-scaled FP8 (DeepSeek-V3 / Qwen3-FP8)"
-    # whether keeping the scheme is the default when the user does not pick --dtype
-    requantize_by_default: bool = True
+    # 4 bits or fewer per value (QLoRA's bases): a requantized merge keeps little of a small
+    # ΔW, and an adapter trained on one is warned about when merged elsewhere
+    four_bit: bool = False
 
     def detect(self, qc: dict | None, tensors: dict[str, TensorInfo]) -> bool:
         raise NotImplementedError
@@ -90,6 +92,11 @@ class Codec:
         raise NotImplementedError
 
     def encode(self, lw: LogicalWeight, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def step(self, lw: LogicalWeight, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The scheme's own unit of error at each element: the distance between neighbouring
+        representable values at that element's scale (what ``unmerge --check`` counts in)."""
         raise NotImplementedError
 
     def describe(self, qc: dict) -> str:
@@ -132,6 +139,15 @@ def check_finite(lw: LogicalWeight, t: torch.Tensor, role: str, what: str) -> No
     if not bool(torch.isfinite(v).all()):
         bad = "NaN" if bool(torch.isnan(v).any()) else "Inf"
         raise lw.error(f"{what} holds {bad}", role=role)
+
+
+def fp8_spacing(q: torch.Tensor) -> torch.Tensor:
+    """The distance from each e4m3 value to its neighbours (towards larger magnitude): 2^(e−3)
+    for normal values, 2^−9 below 2^−6 (subnormals). Powers of two, so e4m3 holds them."""
+    import torch
+
+    a = q.to(torch.float32).abs().clamp(min=2.0**-6)
+    return torch.exp2(torch.floor(torch.log2(a)) - 3).to(torch.float8_e4m3fn)
 
 
 def check_decoded(lw: LogicalWeight, w: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,7 @@ def table(quant_type: str):
 class Bnb4(Codec):
     name = "bnb4"
     label = "bitsandbytes 4-bit (NF4/FP4)"
-    requantize_by_default = False
+    four_bit = True
 
     def detect(self, qc, tensors) -> bool:
         return (
@@ -294,10 +294,26 @@ class Bnb4(Codec):
             )
 
     def decode(self, lw, parts):
-        import torch
 
         self.check_map(lw, parts)
+        return check_decoded(lw, self._lookup(lw, parts, table(lw.params["quant_type"])))
+
+    def step(self, lw, parts):
+        import torch
+
+        # the larger gap from each code value to its neighbours, times the block's absmax
         code = table(lw.params["quant_type"])
+        order = torch.argsort(code)
+        gaps = torch.diff(code[order])
+        around = torch.maximum(torch.cat([gaps[:1], gaps]), torch.cat([gaps, gaps[-1:]]))
+        spacing = torch.empty_like(code)
+        spacing[order] = around
+        return self._lookup(lw, parts, spacing)
+
+    def _lookup(self, lw, parts, code):
+        """values[code index] · absmax of the element's block, in float32."""
+        import torch
+
         absmax = self.absmax(lw, parts)
         packed = parts["weight"].reshape(-1)
         n = lw.numel
@@ -311,7 +327,7 @@ class Bnb4(Codec):
         w[:full] = (vals[:full].view(-1, bs) * absmax[: full // bs].view(-1, 1)).reshape(-1)
         if full < n:
             w[full:] = vals[full:] * absmax[full // bs]
-        return check_decoded(lw, w.reshape(lw.shape))
+        return w.reshape(lw.shape)
 
     def encode(self, lw, x):
         import torch

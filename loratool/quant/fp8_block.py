@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import FormatError
 from ..tensors.header import TensorInfo
-from .base import Codec, LogicalWeight, check_decoded, check_finite
+from .base import Codec, LogicalWeight, check_decoded, check_finite, fp8_spacing
 
 if TYPE_CHECKING:
     import torch
@@ -220,6 +220,9 @@ class Fp8Block(Codec):
                 part = xb[..., full * bn :] * si[..., None, full:]
                 qb[..., full * bn :].copy_(part.clamp_(-FP8_MAX, FP8_MAX))
         return {"weight": q, "scale": inv.reshape(lw.parts["scale"].shape)}
+
+    def step(self, lw, parts):
+        return self.decode(lw, {**parts, "weight": fp8_spacing(parts["weight"])})
 
 
 CODEC = Fp8Block()

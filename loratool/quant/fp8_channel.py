@@ -22,7 +22,7 @@ dtype of the weight it observes; ours is the exact float32 merge, so float32 it 
 from __future__ import annotations
 
 from ..errors import FormatError
-from .base import Codec, LogicalWeight, check_decoded, check_finite
+from .base import Codec, LogicalWeight, check_decoded, check_finite, fp8_spacing
 
 FP8_MAX = 448.0
 SUPPORTED_FORMATS = ("float-quantized", "naive-quantized")
@@ -261,6 +261,9 @@ class CompressedTensorsFp8(Codec):
         scaled = x / self._expand(lw, s.to(torch.float32))
         q = scaled.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         return {"weight": q, "scale": s.reshape(lw.parts["scale"].shape)}
+
+    def step(self, lw, parts):
+        return self.decode(lw, {**parts, "weight": fp8_spacing(parts["weight"])})
 
 
 CODEC = CompressedTensorsFp8()

@@ -49,8 +49,7 @@ BLOCK = 32
 class Mxfp4(Codec):
     name = "mxfp4"
     label = "MXFP4 (E2M1 values, E8M0 block scales; gpt-oss)"
-    # 4 bits per value: a requantized merge keeps little of a small ΔW; dequantize by default
-    requantize_by_default = False
+    four_bit = True
 
     def detect(self, qc, tensors) -> bool:
         return bool(qc) and qc.get("quant_method") == "mxfp4"
@@ -155,6 +154,16 @@ class Mxfp4(Codec):
         code |= torch.signbit(scaled).to(torch.uint8) << 3
         packed = code[..., 0::2] | (code[..., 1::2] << 4)
         return {"blocks": packed.contiguous(), "scales": byte.to(torch.uint8)}
+
+    def step(self, lw, parts):
+        import torch
+
+        # E2M1 spacing by code: 0.5 up to 1.5, 1 for 2 and 3, 2 for 4 and 6 — themselves E2M1
+        # codes (1, 2, 4), so decoding them applies each block's scale
+        spacing = torch.tensor([1, 1, 1, 1, 2, 2, 4, 4] * 2, dtype=torch.uint8)
+        b = parts["blocks"]
+        coded = spacing[(b & 0x0F).long()] | (spacing[(b >> 4).long()] << 4)
+        return self.decode(lw, {**parts, "blocks": coded})
 
 
 CODEC = Mxfp4()
