@@ -103,6 +103,61 @@ def combine_svd(parts, rank: int):
     return B, A, math.sqrt(max(0.0, 1.0 - kept))
 
 
+# Dense d×k float buffers each method holds at its peak for one module, per part and fixed
+# (its task vectors, trimmed copies, masks and sums, then the SVD's input and factors).
+_DENSE_BUFFERS = {"ties": (2, 8), "dare": (1, 7)}
+
+
+def memory_limit(option: int | None = None) -> int:
+    """Bytes the dense methods may use for one module: ``option``, else
+    ``$LORATOOL_MAX_MEMORY`` (512M, 8G, …), else half of this machine's memory."""
+    import os
+
+    from .units import parse_size
+
+    if option is not None:
+        return int(option)
+    env = os.environ.get("LORATOOL_MAX_MEMORY")
+    if env:
+        try:
+            return parse_size(env)
+        except ValueError as exc:
+            raise ValidationError(f"LORATOOL_MAX_MEMORY: {exc}") from None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - no sysconf
+        return 8 << 30
+
+
+def dense_bytes(method: str, n_parts: int, shape: tuple[int, int], itemsize: int = 4) -> int:
+    """An upper estimate of the memory ``method`` needs for one module of ΔW ``shape``."""
+    per_part, fixed = _DENSE_BUFFERS[method]
+    return (per_part * n_parts + fixed) * shape[0] * shape[1] * itemsize
+
+
+def check_memory(method: str, parts, limit: int, *, name: str | None = None) -> None:
+    """Refuse, in one line, a dense combination of one module that would need more than
+    ``limit`` bytes (ties and dare form every d×k update: an A of 1×200000 with a B of
+    200000×1 stands for a 160 GB ΔW)."""
+    from .units import human_size
+
+    if method not in _DENSE_BUFFERS or not parts:
+        return
+    B, A = parts[0][0], parts[0][1]
+    shape = (int(B.shape[0]), int(A.shape[1]))
+    itemsize = 8 if any(p[0].element_size() == 8 or p[1].element_size() == 8 for p in parts) else 4
+    need = dense_bytes(method, len(parts), shape, itemsize)
+    if need > limit:
+        raise ValidationError(
+            f"--method {method} works on the dense {shape[0]}×{shape[1]} update: about "
+            f"{human_size(need)} for {len(parts)} adapter(s), above the limit of "
+            f"{human_size(limit)}",
+            tensor=name,
+            hint="raise it with --max-memory or LORATOOL_MAX_MEMORY, or use --method svd, "
+            "which never forms the dense update",
+        )
+
+
 def _dense_parts(parts):
     """Each part's own ΔWᵢ = sᵢ·Bᵢ·Aᵢ (the task vector, weight not applied) and its weight."""
     return [((B * s) @ A, w) for B, A, s, w in _prepare(parts)]

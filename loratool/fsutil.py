@@ -370,6 +370,17 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def _name_the_file(exc: OSError, dest: Path, tmp: Path) -> None:
+    """A write that fails names no file (os.write, file.write: "File too large", "No space
+    left on device"), or names a temporary that is gone by the time the user reads it: name
+    the output as the user asked for it."""
+    name = str(exc.filename) if exc.filename else ""
+    if not name:
+        exc.filename = str(dest)
+    elif name == str(tmp) or name.startswith(str(tmp) + os.sep):
+        exc.filename = str(dest) + name[len(str(tmp)) :]
+
+
 @contextlib.contextmanager
 def atomic_file(dest: str | os.PathLike, *, force: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it onto ``dest`` if the block succeeds.
@@ -393,6 +404,9 @@ def atomic_file(dest: str | os.PathLike, *, force: bool = True) -> Iterator[Path
             olds = _put_in_place(tmp_path, dest, force)
             placed = True
         fsync_dir(dest.parent)
+    except OSError as exc:
+        _name_the_file(exc, dest, tmp_path)
+        raise
     finally:
         if not placed:
             with contextlib.suppress(OSError):
@@ -427,6 +441,9 @@ def atomic_dir(dest: str | os.PathLike, *, force: bool = False) -> Iterator[Path
             olds = _put_in_place(tmp, dest, force)
             placed = True
         fsync_dir(dest.parent)
+    except OSError as exc:
+        _name_the_file(exc, dest, tmp)
+        raise
     finally:
         if not placed:
             shutil.rmtree(tmp, ignore_errors=True)

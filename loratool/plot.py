@@ -7,6 +7,28 @@ from pathlib import Path
 from .errors import MissingDependencyError
 from .fsutil import atomic_file
 
+# The image formats matplotlib's Agg backend writes (fig.canvas.get_supported_filetypes()),
+# checked from the suffix before any work is done.
+PLOT_FORMATS = (
+    "eps", "jpeg", "jpg", "pdf", "pgf", "png", "ps", "raw", "rgba", "svg", "svgz", "tif",
+    "tiff", "webp",
+)  # fmt: skip
+
+
+def check_plot_dest(dest: str) -> None:
+    """Refuse, before the spectra are computed, a ``--plot`` file whose suffix names no image
+    format (``x.txt``): matplotlib would only say so at the end."""
+    from .errors import ValidationError
+
+    suffix = Path(dest).suffix.lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        raise ValidationError(
+            f"--plot writes an image, and {'.' + suffix if suffix else 'no suffix'} names no "
+            "image format",
+            file=dest,
+            hint=f"use one of .{', .'.join(PLOT_FORMATS[:6])}, …",
+        )
+
 
 def plot_spectra(report: dict, dest: str, *, force: bool = False) -> Path:
     """Plot the spectra to ``dest`` (its suffix names the image format); an existing file is

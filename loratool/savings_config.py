@@ -208,6 +208,12 @@ class _Model:
         self.params[name] = shape
 
 
+#: The most layers a config may describe (the deepest released models have a few hundred);
+#: each is enumerated, so a config saying 1e12 would take memory without bound.
+MAX_LAYERS = 10_000
+_LAYER_KEYS = ("num_hidden_layers", "n_layer")
+
+
 class _Config:
     """Typed reads from a config dict with the family's defaults; errors name the key."""
 
@@ -227,7 +233,8 @@ class _Config:
         return self.defaults.get(key)
 
     def int(self, key: str, *, default: int | None = None, minimum: int | None = 1) -> int:
-        """An integer value; None (absent, or null in the file) takes ``default``."""
+        """An integer value; None (absent, or null in the file) takes ``default``. A layer
+        count is at most :data:`MAX_LAYERS`: every layer is described, one by one."""
         value = self.get(key)
         if value is None:
             value = default
@@ -240,6 +247,12 @@ class _Config:
         if minimum is not None and value < minimum:
             raise ValidationError(
                 f"config key {key!r} must be at least {minimum}, got {value}", file=self.source
+            )
+        if key in _LAYER_KEYS and value > MAX_LAYERS:
+            raise ValidationError(
+                f"config key {key!r} is {value}: more layers than any model has (at most "
+                f"{MAX_LAYERS} are described)",
+                file=self.source,
             )
         return value
 

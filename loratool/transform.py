@@ -301,6 +301,7 @@ def combine(
     rank: int | None = None,
     density: float = 0.5,
     seed: int = 0,
+    max_memory: int | None = None,
 ) -> tuple[Adapter, dict[str, float]]:
     """One adapter from several; each adapter's own scale is applied exactly once.
 
@@ -322,6 +323,7 @@ def combine(
         raise ValidationError(f"--method {method} needs --rank")
     if method in ("ties", "dare") and not 0 < density <= 1:
         raise ValidationError(f"--density must be in (0, 1], got {density}")
+    limit = cm.memory_limit(max_memory)
     bases = {
         a.meta.base_model.rstrip("/").rsplit("/", 1)[-1] for a, _ in inputs if a.meta.base_model
     }
@@ -341,6 +343,7 @@ def combine(
                     tensor=name,
                 )
         parts = [(*factors_2d(m), m.scale, w) for m, w in present]
+        cm.check_memory(method, parts, limit, name=name)  # before any dense buffer exists
         err = 0.0
         try:
             if method == "cat":

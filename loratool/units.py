@@ -19,3 +19,16 @@ def human_count(n: float) -> str:
             return f"{n:.0f}" if unit == "" else f"{n:.1f}{unit}"
         n /= 1000
     return f"{n:.1f}T"
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"8G"``, ``"512MiB"``, ``"1.5g"``, ``"4096"`` → bytes (binary units). ValueError if not."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:I?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (e.g. 512M, 8G)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])

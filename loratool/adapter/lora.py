@@ -72,6 +72,9 @@ class LoraModule(Module):
     alternatives: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            # a config's "abc", null or [1] is an error here, not a float() traceback
+            raise ValidationError(f"alpha must be a number, got {self.alpha!r}", tensor=self.name)
         self.alpha = float(self.alpha)
         self.alternatives = tuple(self.alternatives)
         self.rslora = bool(self.rslora)
@@ -165,6 +168,15 @@ class LoraModule(Module):
         if A.shape[0] != B.shape[1]:
             raise ValidationError(
                 f"A has rank {A.shape[0]} but B has rank {B.shape[1]} (A {tuple(A.shape)}, B {tuple(B.shape)})",
+                file=source,
+                tensor=name,
+            )
+        if A.shape[0] == 0:
+            raise ValidationError("rank 0: A and B hold no update", file=source, tensor=name)
+        if 0 in tuple(A.shape) or 0 in tuple(B.shape):
+            raise ValidationError(
+                f"a zero-width module (A {tuple(A.shape)}, B {tuple(B.shape)}): it changes nothing "
+                "and fits no weight",
                 file=source,
                 tensor=name,
             )

@@ -203,6 +203,13 @@ class Module(Stored):
                 raise ValidationError(
                     f"{role} must be floating point, got {t.dtype}", file=source, tensor=self.name
                 )
+            if t.element_size() == 1:  # float8: no finiteness check, no matmul in torch
+                raise ValidationError(
+                    f"{role} is stored as 8-bit float ({t.dtype}), which adapter factors may not "
+                    "be; store them as float16, bfloat16 or float32",
+                    file=source,
+                    tensor=self.name,
+                )
         if self.magnitude is not None:
             m = self.magnitude
             want = self.base_shape[self.dora_axis]

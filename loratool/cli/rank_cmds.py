@@ -121,6 +121,9 @@ def inspect_rank(ctx, adapter, threshold, module_glob, plot, force, json_):
 
     # Lazily: headers now, each module's factors when it is measured (memory ≈ one module).
     if plot:
+        from ..plot import check_plot_dest
+
+        check_plot_dest(plot)
         check_out(ctx, plot, [adapter], force)
     opened = open_adapter(adapter, home_from(ctx), lazy=True)
     report = inspect(opened.adapter, threshold=threshold, module_glob=module_glob)
@@ -534,11 +537,19 @@ def extract(
     help="Share of entries kept (ties, dare).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (dare).")
+@click.option(
+    "--max-memory",
+    metavar="SIZE",
+    help="Most memory ties/dare may use for one module's dense update (512M, 8G; default "
+    "$LORATOOL_MAX_MEMORY, else half of this machine's).",
+)
 @click.option("--task", help="Task for --as (default: the inputs' common catalog task).")
 @_output_options
 @json_option
 @click.pass_context
-def combine(ctx, adapters, method, rank, density, seed, task, as_name, out, force, json_):
+def combine(
+    ctx, adapters, method, rank, density, seed, max_memory, task, as_name, out, force, json_
+):
     """One adapter from several, each adapter's own scale applied exactly once.
 
     \b
@@ -565,7 +576,17 @@ def combine(ctx, adapters, method, rank, density, seed, task, as_name, out, forc
         opened = open_adapter(name, home_from(ctx))
         inputs.append((opened.adapter, weight))
         labels.append(f"{opened.label}={weight:g}")
-    result, errors = do_combine(inputs, method, rank=rank, density=density, seed=seed)
+    limit = None
+    if max_memory is not None:
+        from ..units import parse_size
+
+        try:
+            limit = parse_size(max_memory)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--max-memory") from None
+    result, errors = do_combine(
+        inputs, method, rank=rank, density=density, seed=seed, max_memory=limit
+    )
     if task is None:
         tasks = {_source_task(ctx, name) for name, _ in weighted}
         task = tasks.pop() if len(tasks) == 1 else None

@@ -66,15 +66,12 @@ def savings(ctx, names, base_path, config_path, rank, targets, dtype, json_):
         if rank < 1:
             raise click.UsageError("--rank must be at least 1")
         if config_path is not None:
-            import json as _json
+            from pathlib import Path
 
-            from ..errors import ValidationError
+            from ..jsonutil import loads
             from ..savings_config import hypothetical_adapter
 
-            try:
-                config = _json.loads(open(config_path).read())
-            except ValueError as exc:
-                raise ValidationError("not valid JSON", file=config_path) from exc
+            config = loads(Path(config_path).read_bytes(), file=config_path, what="config")
             doc = hypothetical_adapter(config, rank, target_list, dtype=dtype, source=config_path)
             doc.update(
                 {"rank": rank, "targets": target_list, "dtype": dtype, "config": config_path}

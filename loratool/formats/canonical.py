@@ -106,7 +106,7 @@ def canonical_from_tensors(tensors: dict, metadata: dict, *, source: object) -> 
         meta_d = json.loads(metadata["loratool.meta"]) if "loratool.meta" in metadata else {}
         if not all(isinstance(x, dict) for x in (modules_meta, ops_meta, origin, meta_d)):
             raise ValueError
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, RecursionError) as exc:
         raise FormatError("loratool metadata is missing or not JSON", file=source) from exc
     extra = {k[len(EXTRA) :]: tensors.pop(k) for k in [k for k in tensors if k.startswith(EXTRA)]}
     modules = {}

@@ -29,6 +29,7 @@ The config fields that change what a tensor means are honoured or refused (``che
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -46,8 +47,10 @@ from ..adapter import (
 )
 from ..bases import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS
 from ..errors import FormatError, ValidationError
+from ..jsonutil import loads
 from ..tensors.header import refuse_pickle
 from ..tensors.io import load_file, save_file
+from .patterns import compile_patterns, pattern_value
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -115,23 +118,45 @@ def is_peft_dir(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG).exists()
 
 
-def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
-    """PEFT's rank_pattern/alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
+def _config_value(
+    config: dict, key: str, default: Any, file: object, *, rank: bool, label: str | None = None
+) -> Any:
+    """r (an integer ≥ 1) or lora_alpha (a finite number), strictly: "abc", null, a list or
+    true is an error, not a traceback later."""
+    value = config.get(key, default)
+    ok = isinstance(value, int) if rank else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or not math.isfinite(value) or (rank and value < 1):
+        what = "a whole number ≥ 1" if rank else "a finite number"
+        raise ValidationError(f"{label or key} must be {what}, got {value!r}", file=file)
+    return value
+
+
+def _flag(config: dict, key: str, file: object) -> bool:
+    """A true/false field: "false" (a string, and truthy) is an error, not a silent True."""
+    value = config.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ValidationError(f"{key} must be true or false, got {value!r}", file=file)
+    return bool(value)
+
+
+def _pattern_values(patterns: Any, field: str, file: object, *, rank: bool) -> dict:
+    if patterns is None:
+        return {}
+    compile_patterns(patterns, field, file=file)  # shape of the dict, and every key
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", path):
-            return patterns[key]
-    return default
+        _config_value(patterns, key, None, file, rank=rank, label=f"{field}[{key!r}]")
+    return dict(patterns)
 
 
 def read_peft(path: Path, *, lazy: bool = False) -> Adapter:
     path = Path(path)
     cfg_path = path / CONFIG
     try:
-        config = json.loads(cfg_path.read_text())
+        config = loads(cfg_path.read_bytes(), file=cfg_path)
     except FileNotFoundError as exc:
         raise FormatError(f"no {CONFIG}: not a PEFT adapter directory", file=path) from exc
-    except (OSError, ValueError) as exc:
-        raise FormatError("not valid JSON", file=cfg_path) from exc
+    except OSError as exc:
+        raise FormatError(f"cannot be read: {exc.strerror or exc}", file=cfg_path) from exc
     if not isinstance(config, dict):
         raise FormatError("not a JSON object", file=cfg_path)
     check_config(config, cfg_path)
@@ -329,14 +354,17 @@ def peft_from_tensors(tensors: dict, config: dict, *, source: object) -> Adapter
 
 
 def _build_modules(groups: dict, config: dict, source) -> tuple[dict, dict, dict]:
-    r_default = config.get("r", 8)
-    alpha_default = config.get("lora_alpha", 8)
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    fifo = bool(config.get("fan_in_fan_out", False))
-    rslora = bool(config.get("use_rslora", False))
-    dora = bool(config.get("use_dora", False))
-    lora_bias = bool(config.get("lora_bias", False))
+    cfg_file = Path(source).with_name(CONFIG) if isinstance(source, Path) else source
+    r_default = _config_value(config, "r", 8, cfg_file, rank=True)
+    alpha_default = _config_value(config, "lora_alpha", 8, cfg_file, rank=False)
+    rank_pattern = _pattern_values(config.get("rank_pattern"), "rank_pattern", cfg_file, rank=True)
+    alpha_pattern = _pattern_values(
+        config.get("alpha_pattern"), "alpha_pattern", cfg_file, rank=False
+    )
+    fifo = _flag(config, "fan_in_fan_out", cfg_file)
+    rslora = _flag(config, "use_rslora", cfg_file)
+    dora = _flag(config, "use_dora", cfg_file)
+    lora_bias = _flag(config, "lora_bias", cfg_file)
     modules: dict[str, Module] = {}
     paths: dict[str, str] = {}  # module name → its path in the file, where not name-derived
     bias_ops: dict[str, AddToTensor] = {}

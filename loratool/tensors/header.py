@@ -10,13 +10,13 @@ a tensor is touched.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import FormatError, ValidationError
+from ..jsonutil import loads
 
 # Bytes per element, by safetensors dtype tag.
 DTYPE_SIZES: dict[str, int] = {
@@ -125,12 +125,8 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         raise FormatError("is a directory, expected a .safetensors file", file=path) from exc
     except PermissionError as exc:
         raise FormatError("permission denied", file=path) from exc
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(
-            "header is not valid JSON: corrupt or not safetensors", file=path
-        ) from exc
+    # A tensor named twice is refused: json keeps the last, other readers the first.
+    obj = loads(raw, file=path, what="header (corrupt or not safetensors?)", unique_keys=True)
     if not isinstance(obj, dict):
         raise FormatError("header is not a JSON object", file=path)
     metadata = obj.pop("__metadata__", None) or {}
@@ -164,22 +160,34 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     return SafetensorsHeader(path, n, tensors, dict(metadata), size)
 
 
+MAX_DIMS = 16
+_MAX_SIZE = 2**63 - 1
+
+
+def _is_size(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _MAX_SIZE
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _tensor_info(path: Path, name: str, entry: object, base: int, data_len: int) -> TensorInfo:
     if not isinstance(entry, dict):
         raise FormatError("header entry is not an object", file=path, tensor=name)
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
-        raise FormatError(f"unknown dtype {dtype!r}", file=path, tensor=name)
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise FormatError(f"bad shape {shape!r}", file=path, tensor=name)
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offsets)
-    ):
-        raise FormatError(f"bad data_offsets {offsets!r}", file=path, tensor=name)
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise FormatError(f"unknown dtype {_short(dtype)}", file=path, tensor=name)
+    # Sizes are JSON integers (not booleans: True is an int to Python) that fit the 64-bit
+    # counts every reader uses; a 2**70 dimension with a zero beside it holds 0 bytes, and
+    # would still break every tensor library.
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_size(s) for s in shape):
+        raise FormatError(f"bad shape {_short(shape)}", file=path, tensor=name)
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_size, offsets)):
+        raise FormatError(f"bad data_offsets {_short(offsets)}", file=path, tensor=name)
     begin, end = offsets
     if end < begin:
         raise FormatError(f"data_offsets {offsets} run backwards", file=path, tensor=name)
@@ -283,10 +291,12 @@ def _single(root: Path, file: Path) -> BaseIndex:
 
 def _read_sharded(root: Path, index_path: Path) -> BaseIndex:
     try:
-        index = json.loads(index_path.read_text())
+        index = loads(index_path.read_bytes(), file=index_path, what="index")
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError
+    except FormatError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise FormatError(
             "not a valid index: needs a JSON object with weight_map", file=index_path
