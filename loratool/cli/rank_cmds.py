@@ -123,8 +123,8 @@ def inspect_rank(ctx, adapter, threshold, module_glob, plot, force, json_):
     if plot:
         from ..plot import check_plot_dest
 
-        check_plot_dest(plot)
         check_out(ctx, plot, [adapter], force)
+        check_plot_dest(plot)
     opened = open_adapter(adapter, home_from(ctx), lazy=True)
     report = inspect(opened.adapter, threshold=threshold, module_glob=module_glob)
     report["adapter"] = opened.label

@@ -51,7 +51,7 @@ def base_config(base: str | os.PathLike) -> dict | None:
     cfg = (p if p.is_dir() else p.parent) / "config.json"
     try:
         obj = json.loads(cfg.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return obj if isinstance(obj, dict) else None
 

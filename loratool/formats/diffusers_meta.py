@@ -47,7 +47,7 @@ def read_configs(metadata: dict[str, str] | None, *, source: object) -> dict[str
         return {}
     try:
         obj = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise FormatError(f"{METADATA_KEY} in the header is not JSON", file=source) from exc
     if not isinstance(obj, dict):
         raise FormatError(f"{METADATA_KEY} in the header is not a JSON object", file=source)

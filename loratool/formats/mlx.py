@@ -33,7 +33,7 @@ _EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "token_embedding", "tok
 def is_mlx_config(cfg: Path) -> bool:
     try:
         obj = json.loads(Path(cfg).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # not mlx's: the reader that claims it says why
         return False
     return isinstance(obj, dict) and ("lora_parameters" in obj or "fine_tune_type" in obj)
 
