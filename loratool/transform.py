@@ -335,6 +335,13 @@ def combine(
     modules, errors = {}, {}
     for name in names:
         present = [(a.modules[name], w) for a, w in inputs if name in a.modules]
+        for m, _ in present:
+            if not isinstance(m, LoraModule):
+                raise ValidationError(
+                    f"combine works on LoRA B·A modules; this one is {m.label}",
+                    tensor=name,
+                    hint="convert it to LoRA first (loratool convert SRC DEST --to kohya)",
+                )
         first = present[0][0]
         for m, _ in present[1:]:
             if m.base_shape != first.base_shape or m.kind != first.kind:

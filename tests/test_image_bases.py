@@ -385,3 +385,75 @@ def test_lokr_cannot_be_split_across_tensors(flux, tmp_path):
     )
     with pytest.raises(ValidationError, match="split across tensors"):
         plan_merge(dpath, [AdapterInput(Adapter({m.name: m}), 1.0, "lokr", "x")], tmp_path / "o")
+
+
+# -- 1×1 conv factors on a Linear weight, and back ---------------------------------------------------
+
+
+def linear_projection_unet():
+    """The tiny UNet with SD 2.x / SDXL's Linear proj_in / proj_out."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**{**dict(tiny_unet(0).config), "use_linear_projection": True})
+
+
+def test_sd2_single_file_with_sd1_lora_squeezes_1x1_factors(tmp_path, cli_run):
+    """An SD 1.x LoRA (proj_in a 1×1 conv: 4-D factors) merged into an SD 2.x original file
+    (Linear proj_in, OpenCLIP text encoder under cond_stage_model.model): the factors are
+    squeezed as sd-scripts' merge_lora does, q/k/v land in OpenCLIP's in_proj rows."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+
+    unet, te = linear_projection_unet(), tiny_clip(2)
+    u, c = dict(unet.state_dict()), dict(te.state_dict())
+    assert u["mid_block.attentions.0.proj_in.weight"].dim() == 2
+    ckpt = unet_to_ldm(u, layers_per_block=1, down=2, up_attn=[False, True])
+    for k, v in openclip_from_clip(c).items():
+        ckpt["cond_stage_model.model." + k] = v
+    path = write(tmp_path / "sd2.safetensors", ckpt)
+    mods = {
+        "lora_unet_mid_block_attentions_0_proj_in": (4 * 2, 4 * 2, 1, 1),  # SD 1.x: a 1×1 conv
+        "lora_unet_down_blocks_0_attentions_0_proj_out": (4, 4, 1, 1),
+        "lora_te_text_model_encoder_layers_0_self_attn_k_proj": (8, 8),
+    }
+    lora = kohya_lora(mods, seed=11)
+    lpath = write(tmp_path / "sd1-lora.safetensors", lora)
+    out = tmp_path / "merged.safetensors"
+    r = cli_run("merge", path, lpath, "-o", out)
+    assert r.exit_code == 0, r.output
+    merged = load_file(out)
+    got = convert_ldm_unet_checkpoint(dict(merged), dict(unet.config))
+    for stem, name in (
+        ("lora_unet_mid_block_attentions_0_proj_in", "mid_block.attentions.0.proj_in.weight"),
+        (
+            "lora_unet_down_blocks_0_attentions_0_proj_out",
+            "down_blocks.0.attentions.0.proj_out.weight",
+        ),
+    ):
+        down = lora[f"{stem}.lora_down.weight"].squeeze(3).squeeze(2)
+        up = lora[f"{stem}.lora_up.weight"].squeeze(3).squeeze(2)
+        want = u[name] + (up @ down) * (float(lora[f"{stem}.alpha"]) / down.shape[0])
+        torch.testing.assert_close(got[name], want, **ATOL, msg=name)
+    te_got = convert_open_clip_checkpoint(te, dict(merged), prefix="cond_stage_model.model.")
+    stem = "lora_te_text_model_encoder_layers_0_self_attn_k_proj"
+    name = "encoder.layers.0.self_attn.k_proj.weight"
+    torch.testing.assert_close(
+        te_got["text_model." + name], c[name] + kohya_delta(lora, stem), **ATOL
+    )
+
+
+def test_linear_factors_on_a_1x1_conv_get_their_unit_dimensions(sd_models, tmp_path, cli_run):
+    _, _, u, _ = sd_models
+    name = "mid_block.attentions.0.proj_in.weight"
+    assert u[name].shape[2:] == (1, 1)
+    stem = "lora_unet_mid_block_attentions_0_proj_in"
+    lora = kohya_lora({stem: tuple(u[name].shape[:2])}, seed=12)  # 2-D factors
+    path = write(tmp_path / "unet.safetensors", u)
+    out = tmp_path / "merged.safetensors"
+    r = cli_run("merge", path, write(tmp_path / "l.safetensors", lora), "-o", out)
+    assert r.exit_code == 0, r.output
+    want = u[name] + kohya_delta(lora, stem).reshape(u[name].shape)
+    torch.testing.assert_close(load_file(out)[name], want, **ATOL)

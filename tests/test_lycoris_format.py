@@ -185,6 +185,20 @@ def test_catalog_inspect_and_convert_to_peft(made, tmp_path, cli_run):
     assert checked > 0
 
 
+def test_resize_and_combine_refuse_lycoris_modules_by_name(made, tmp_path, cli_run):
+    algo, path, _, _ = made
+    if algo.startswith("locon"):
+        pytest.skip("a LoCon file's first modules are plain LoRA")
+    for args in (
+        ("resize", path, "--rank", "1", "-o", tmp_path / "r"),
+        ("combine", path, path, "--method", "cat", "-o", tmp_path / "c"),
+    ):
+        r = cli_run(*args)
+        assert r.exit_code == 1, r.output
+        assert "works on LoRA B·A modules; this one is lo" in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1
+
+
 # -- refusals: unknown or partial files ----------------------------------------------------------
 
 

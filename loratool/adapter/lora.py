@@ -195,7 +195,9 @@ class LoraModule(Module):
         flag for Conv1D targets and clears it for Linear ones, whatever the config says): from
         the base's model type where it is known (a square Conv1D looks like a Linear), else
         from the shape (a linear module whose ΔW fits only transposed is a Conv1D)."""
-        mod = self
+        mod = self._one_by_one(tuple(shape))
+        if mod is not self:
+            return Module.fit(mod, shape, source=source, where=where, facts=facts)
         if self.kind in ("linear", "linear_fifo") and self.target_rows is None:
             conv1d = facts.is_conv1d(self.name) if facts is not None else None
             if conv1d is not None:
@@ -209,6 +211,40 @@ class LoraModule(Module):
             if kind != self.kind:
                 mod = replace(self, kind=kind)
         return Module.fit(mod, shape, source=source, where=where, facts=facts)
+
+    def _one_by_one(self, shape: tuple[int, ...]) -> LoraModule:
+        """A 1×1-conv update on a Linear weight, or a Linear update on a 1×1 conv: the same ΔW
+        in the other layout. sd-scripts' merge squeezes 4-D factors on a Linear weight (SD
+        1.x's proj_in is a 1×1 conv, SD 2.x's and SDXL's a Linear); a 2-D update on a 1×1 conv
+        gets the two unit dimensions back. Anything else is left to ``Module.fit``."""
+        if self.target_rows is not None or self.magnitude is not None:
+            return self
+        A, B = self.A, self.B
+        if (
+            self.kind == "conv2d"
+            and len(shape) == 2
+            and tuple(A.shape[2:]) == (1, 1)
+            and (B.shape[0], A.shape[1]) == shape
+        ):
+            return replace(
+                self,
+                kind="linear",
+                A=A.reshape(A.shape[0], A.shape[1]),
+                B=B.reshape(B.shape[0], B.shape[1]),
+            )
+        if (
+            self.kind == "linear"
+            and len(shape) == 4
+            and shape[2:] == (1, 1)
+            and (B.shape[0], A.shape[1]) == shape[:2]
+        ):
+            return replace(
+                self,
+                kind="conv2d",
+                A=A.reshape(A.shape[0], A.shape[1], 1, 1),
+                B=B.reshape(B.shape[0], B.shape[1], 1, 1),
+            )
+        return self
 
     # -- math ----------------------------------------------------------------------------
     def delta(

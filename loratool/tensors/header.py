@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import FormatError, ValidationError
@@ -386,6 +386,22 @@ class HeaderTensor:
 
     def contiguous(self) -> HeaderTensor:
         return self
+
+    def reshape(self, *shape) -> HeaderTensor:
+        """The same bytes seen with another shape of as many elements (row-major, no copy)."""
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        shape = tuple(int(s) for s in shape)
+        n = 1
+        for s in shape:
+            n *= s
+        if n != self.info.numel:
+            raise ValidationError(
+                f"cannot view shape {list(self.info.shape)} as {list(shape)}",
+                file=self.info.file,
+                tensor=self.info.name,
+            )
+        return HeaderTensor(replace(self.info, shape=shape))
 
     def raw(self) -> bytes:
         """The tensor's bytes as stored (row-major, little-endian)."""
