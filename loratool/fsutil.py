@@ -27,6 +27,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -48,6 +49,35 @@ _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 # Errors that mean "this filesystem or kernel cannot do it", not "the destination exists".
 _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM}
+
+
+_umask_lock = threading.Lock()
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where the system shows it (Linux ≥ 4.7,
+    /proc/self/status); elsewhere set and restored at once, under a lock."""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        value = os.umask(0o022)
+        os.umask(value)
+    return value
+
+
+def give_umask_mode(path: str | os.PathLike, *, directory: bool) -> None:
+    """Give a temporary the mode an ordinary ``open``/``mkdir`` would have given it.
+
+    ``mkstemp``/``mkdtemp`` create 0600/0700 (private to the writer), and the temporary is
+    renamed into place as the output: a merged model would stay unreadable to a serving
+    container running as another user. Outputs get what the user's umask gives (0644/0755
+    under the usual 022), like every file written with ``open``."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
 def fsync_dir(path: Path) -> None:
@@ -395,6 +425,7 @@ def atomic_file(dest: str | os.PathLike, *, force: bool = True) -> Iterator[Path
     fd, tmp = tempfile.mkstemp(prefix=f"{_tmp_prefix(dest)}{os.getpid()}.", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    give_umask_mode(tmp_path, directory=False)
     placed, olds = False, []
     try:
         with _locked(tmp_path):
@@ -429,6 +460,7 @@ def atomic_dir(dest: str | os.PathLike, *, force: bool = False) -> Iterator[Path
     dest.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(dest.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(dest)}{os.getpid()}.", dir=dest.parent))
+    give_umask_mode(tmp, directory=True)
     placed, olds = False, []
     try:
         with _locked(tmp):

@@ -84,7 +84,7 @@ def _locked_new_file(path: Path) -> Iterator[int]:
     The file is created under a name no reader treats as ours, locked, and only then renamed
     to ``path``: a file under its final name is never seen unlocked while its writer lives."""
     hidden = path.with_name(f".new-{os.getpid()}-{secrets.token_hex(8)}")
-    fd = os.open(hidden, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+    fd = os.open(hidden, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666)
     try:
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)

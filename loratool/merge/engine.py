@@ -280,7 +280,7 @@ def execute(
                 for p in plan.extra_files:
                     rel = p.relative_to(plan.base.root)
                     (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                    if rel.name == "config.json" and (plan.config_updates or plan.config_drop):
+                    if rel == Path("config.json") and (plan.config_updates or plan.config_drop):
                         real = contained_target(p, roots)
                         if real is None:
                             raise ValidationError(

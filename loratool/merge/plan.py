@@ -18,7 +18,7 @@ from ..errors import ValidationError
 from ..formats.resolve import resolve
 from ..fsutil import check_destination, contained_target
 from ..image import ResolvedParts, resolve_parts
-from ..quant import QuantizedBase, detect_base, logical_shapes, model_config
+from ..quant import QuantizedBase, detect_base, logical_shapes
 from ..tensors.header import DTYPE_SIZES, FLOAT_DTYPES, BaseIndex, TensorInfo, read_base
 from ..tensors.io import header_bytes
 from ..tensors.pipeline import PipelineIndex, component_indexes, extra_candidates, out_name
@@ -531,9 +531,8 @@ def plan_merge(
     if qb is not None and forced:
         # every quantized weight is written dequantized: an ordinary model in that dtype
         config_drop = ("quantization_config",)
-        config, _ = model_config(base)
-        key = "dtype" if "dtype" in (config or {}) else "torch_dtype"
-        config_updates[key] = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}[forced]
+    if not single:
+        config_updates = dtype_config_updates(base, dtype, config_updates)
     if config_updates and not any(p.name == "config.json" for p in extra):
         warnings.append(
             f"the merged model needs config.json changes ({', '.join(sorted(config_updates))}) "
@@ -557,6 +556,37 @@ def plan_merge(
     )
     _check_space(plan)
     return plan
+
+
+# --dtype → the name transformers gives that dtype in config.json
+_CONFIG_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
+
+
+def dtype_config_updates(base: BaseIndex, dtype: str, updates: dict | None = None) -> dict:
+    """config.json keys to rewrite when --dtype changes the weights' dtype, so that
+    ``from_pretrained(dtype="auto")`` loads what was written: ``dtype`` (transformers ≥ 4.56
+    reads it first) and ``torch_dtype`` (older releases), at the top and in every sub-config
+    that states one (a VLM's text_config, vision_config). ``updates``: changes already
+    planned (tie_word_embeddings…), kept; a sub-config both change gets both."""
+    updates = dict(updates or {})
+    name = _CONFIG_DTYPES.get(dtype)
+    if name is None:
+        return updates
+    try:
+        config = json.loads((base.root / "config.json").read_text())
+    except (OSError, ValueError):
+        return updates
+    if not isinstance(config, dict):
+        return updates
+    updates.update({"dtype": name, "torch_dtype": name})
+    for key, sub in config.items():
+        if isinstance(sub, dict) and ("dtype" in sub or "torch_dtype" in sub):
+            planned = updates.get(key)
+            updates[key] = {
+                **(planned if isinstance(planned, dict) else sub),
+                **{k: name for k in ("dtype", "torch_dtype") if k in sub},
+            }
+    return updates
 
 
 def base_file_roots(base: BaseIndex) -> list[Path]:
