@@ -172,27 +172,8 @@ def run_group(group: QuantGroup, device: str = "cpu") -> tuple[dict, dict]:
             out[o.name] = enc[o.role] if o.role in enc else parts[o.role]
         full = {role: enc.get(role, parts[role]) for role in lw.parts}
         written32 = codec.decode(lw, full)
-    report.update(error_report(exact, written32))
-    if group.steps:
-        report["delta_kept"] = delta_kept(w, exact, written32)
+    report.update(error_report(exact, written32, w if group.steps else None))
     return out, report
-
-
-def delta_kept(base, exact, written) -> float:
-    """⟨written − W, ΔW⟩ / ‖ΔW‖² (ΔW = exact − W): how much of the change the output holds.
-    In float64, a block of elements at a time (no whole-tensor float64 copies)."""
-    import torch
-
-    b, e, w = base.reshape(-1), exact.reshape(-1), written.reshape(-1)
-    dd = kd = 0.0
-    step = 1 << 20
-    for i in range(0, b.numel(), step):
-        bb = b[i : i + step].double()
-        d = e[i : i + step].double() - bb
-        k = w[i : i + step].double() - bb
-        dd += float(torch.dot(d, d))
-        kd += float(torch.dot(k, d))
-    return kd / dd if dd > 0 else 1.0
 
 
 def summarize(reports: list[dict]) -> dict | None:

@@ -28,7 +28,15 @@ from typing import TYPE_CHECKING
 
 from ..errors import FormatError
 from ..tensors.header import TensorInfo
-from .base import Codec, LogicalWeight, check_decoded, check_finite, fp8_spacing
+from .base import (
+    Codec,
+    LogicalWeight,
+    check_decoded,
+    check_finite,
+    e4m3_to_float32,
+    fp8_spacing,
+    is_finite,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -155,10 +163,8 @@ class Fp8Block(Codec):
         import torch
 
         q, s = parts["weight"], parts["scale"]
-        w = q.to(torch.float32)  # e4m3 → float32 is exact
-        check_finite(lw, w, "weight", "the FP8 weight")
+        w = e4m3_to_float32(q)  # exact
         s = s.to(torch.float32).reshape(_grid(lw.shape, lw.params["block"]))
-        check_finite(lw, s, "scale", "weight_scale_inv")
         n, k, bm, bn = self._blocks(lw)
         full, rem = divmod(k, bn)
         # One float32 product per element, the scale broadcast over its block in place: no
@@ -170,6 +176,10 @@ class Fp8Block(Codec):
                 rows[..., : full * bn].unflatten(-1, (full, bn)).mul_(si[..., None, :full, None])
             if rem:
                 rows[..., full * bn :].mul_(si[..., None, full:])
+        # one pass over the result: NaN/Inf in a scale or a NaN code propagate into it
+        if not is_finite(w):
+            check_finite(lw, s, "scale", "weight_scale_inv")
+            check_finite(lw, e4m3_to_float32(q), "weight", "the FP8 weight")
         return check_decoded(lw, w)
 
     def block_amax(self, lw, x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,15 @@ dtype of the weight it observes; ours is the exact float32 merge, so float32 it 
 from __future__ import annotations
 
 from ..errors import FormatError
-from .base import Codec, LogicalWeight, check_decoded, check_finite, fp8_spacing
+from .base import (
+    Codec,
+    LogicalWeight,
+    check_decoded,
+    check_finite,
+    e4m3_to_float32,
+    fp8_spacing,
+    is_finite,
+)
 
 FP8_MAX = 448.0
 SUPPORTED_FORMATS = ("float-quantized", "naive-quantized")
@@ -223,13 +231,14 @@ class CompressedTensorsFp8(Codec):
         import torch
 
         q, s = parts["weight"], parts["scale"]
-        w = q.to(torch.float32)
-        check_finite(lw, w, "weight", "the FP8 weight")
-        check_finite(lw, s, "scale", "weight_scale")
+        w = e4m3_to_float32(q)
         # exact float32 product, then the reference's one rounding to the scale's dtype
         w.mul_(self._expand(lw, s.to(torch.float32)))
         if s.dtype != torch.float32:
             w = w.to(s.dtype).to(torch.float32)
+        if not is_finite(w):
+            check_finite(lw, s, "scale", "weight_scale")
+            check_finite(lw, e4m3_to_float32(q), "weight", "the FP8 weight")
         return check_decoded(lw, w)
 
     def amax(self, lw, x):
