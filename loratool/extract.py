@@ -13,6 +13,7 @@ is factored, so disk and arithmetic overlap and memory holds about two pairs —
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Callable
@@ -21,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .adapter import Adapter, AdapterMeta, LoraModule
+from .adapter.ops import ReplaceTensor
 from .errors import ValidationError
 from .rank import RankRule
-from .tensors.header import BaseIndex, TensorInfo, read_base
+from .tensors.header import BaseIndex, HeaderTensor, TensorInfo, read_base
 
 # PEFT's TaskType values that an adapter config can carry.
 TASK_TYPES = (
@@ -329,12 +331,13 @@ def run_extract(plan: ExtractPlan, progress: Callable | None = None) -> ExtractR
     import torch
 
     from .formats.peft import build_config
-    from .rank import factor_dense
+    from .rank import factor_dense, frobenius_sq
     from .tensors.io import tensor_from_bytes
 
     progress = progress or (lambda n=1, label=None: None)
     t0 = time.perf_counter()
     modules: dict[str, LoraModule] = {}
+    ops: dict[str, ReplaceTensor] = {}
     report: dict[str, dict] = {}
     full: list[str] = []
     not_extracted: list[dict] = []
@@ -348,6 +351,21 @@ def run_extract(plan: ExtractPlan, progress: Callable | None = None) -> ExtractR
                 # Fetch the next pair while this one is factored: disk and math overlap.
                 pending = pool.submit(reader.pair, items[i + 1]) if i + 1 < len(items) else None
                 if braw == fraw:  # identical bytes: nothing changed (memcmp, no torch)
+                    progress(1, item.name)
+                    continue
+                if item.role == "full":
+                    # Kept whole (PEFT modules_to_save): the fine-tuned tensor as stored, bit for
+                    # bit, read again from its file when written (memory holds no copy).
+                    value = tensor_from_bytes(item.ft, fraw)
+                    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                        raise ValidationError(
+                            "holds NaN or Inf", file=item.ft.file, tensor=item.name
+                        )
+                    del value, braw, fraw
+                    ops[item.name] = ReplaceTensor(
+                        item.name, HeaderTensor(item.ft), "modules_to_save"
+                    )
+                    full.append(item.name)
                     progress(1, item.name)
                     continue
                 if item.role == "same":
@@ -371,11 +389,13 @@ def run_extract(plan: ExtractPlan, progress: Callable | None = None) -> ExtractR
                 del wf
                 delta.sub_(wb.to(plan.device))
                 del wb
-                if not bool(torch.isfinite(delta).all()):
+                # ‖ΔW‖² in one pass: the error's denominator, and the NaN/Inf and zero tests.
+                total_sq = frobenius_sq(delta)
+                if not math.isfinite(total_sq):
                     raise ValidationError(
                         "the difference holds NaN or Inf", file=item.ft.file, tensor=item.name
                     )
-                if not bool(delta.any()):  # e.g. -0.0 vs 0.0: equal values, different bytes
+                if total_sq == 0.0:  # e.g. -0.0 vs 0.0: equal values, different bytes
                     progress(1, item.name)
                     continue
                 kind = item.role
@@ -393,6 +413,7 @@ def run_extract(plan: ExtractPlan, progress: Callable | None = None) -> ExtractR
                     niter=plan.niter,
                     seed=plan.seed,
                     out_dtype=_out_dtype(plan, item.ft),
+                    total_sq=total_sq,
                 )
                 del mat, delta
                 B, A = f.B.to("cpu"), f.A.to("cpu")
@@ -413,7 +434,7 @@ def run_extract(plan: ExtractPlan, progress: Callable | None = None) -> ExtractR
                 progress(1, item.name)
     finally:
         reader.close()
-    if not modules:
+    if not modules and not ops:
         raise ValidationError(
             "the two models are identical in every 2-D tensor: nothing to extract",
             file=plan.ft.root,
@@ -421,13 +442,17 @@ def run_extract(plan: ExtractPlan, progress: Callable | None = None) -> ExtractR
     meta = AdapterMeta(
         base_model=plan.base_model, source=f"extract {plan.ft.root}", format="loratool"
     )
-    adapter = Adapter(modules, meta, {"format": "loratool"})
+    adapter = Adapter(modules, meta, {"format": "loratool"}, ops=ops)
     # The PEFT config that describes these modules, with what peft needs to load it on its
     # own (AutoPeftModelForCausalLM reads task_type and base_model_name_or_path).
     config = build_config(adapter)
     config["task_type"] = plan.task_type
     config["base_model_name_or_path"] = plan.base_model
     config["revision"] = plan.revision
+    if ops:  # peft matches these against module names' last component, as mergekit writes them
+        config["modules_to_save"] = sorted(
+            {n.removesuffix(".weight").rsplit(".", 1)[-1] for n in ops}
+        )
     adapter.origin["peft_config"] = config
     adapter.origin["extract_not_extracted"] = not_extracted
     return ExtractResult(
