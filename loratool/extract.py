@@ -216,11 +216,6 @@ def plan_extract(
         raise ValidationError(f"unknown --dtype {dtype!r}; choose one of {', '.join(OUT_DTYPES)}")
     if embed not in EMBED_CHOICES:
         raise ValidationError(f"unknown embedding mode {embed!r}")
-    if embed == "full":
-        raise ValidationError(
-            "keeping embeddings and lm_head in full (modules_to_save) is not supported yet",
-            hint="use --embed-lora",
-        )
     if oversample < 0 or niter < 0:
         raise ValidationError("--oversample and --niter must be ≥ 0")
     if task_type not in (None, "auto", *TASK_TYPES):

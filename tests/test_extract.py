@@ -116,6 +116,40 @@ def test_extracted_adapter_loads_with_auto_peft_and_gives_the_low_rank_merge(
     torch.testing.assert_close(got, logits_of(finetuned), rtol=1e-4, atol=1e-4)
 
 
+def test_embed_full_saves_modules_to_save_that_auto_peft_loads(cli_run, pair, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    base, ft_dir, _, ft = pair
+    out = tmp_path / "full"
+    r = cli_run(
+        "extract", base, ft_dir, "--rank", "3", "--embed-full", "--task", "t", "-o", out, "--json"
+    )
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert sorted(doc["full"]) == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert len(doc["modules"]) == 2 * 7  # the projections only
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["embed_tokens", "lm_head"]
+    w = load_file(out / "adapter_model.safetensors")
+    # saved as peft saves modules_to_save, the fine-tuned tensors bit for bit
+    assert torch.equal(
+        w["base_model.model.model.embed_tokens.weight"], ft["model.embed_tokens.weight"]
+    )
+    assert torch.equal(w["base_model.model.lm_head.weight"], ft["lm_head.weight"])
+    got = logits_of(AutoPeftModelForCausalLM.from_pretrained(out).eval())
+    finetuned = AutoModelForCausalLM.from_pretrained(base).eval()
+    finetuned.load_state_dict(ft, strict=False)  # rank 3 holds the projections' update exactly
+    torch.testing.assert_close(got, logits_of(finetuned), rtol=1e-4, atol=1e-4)
+    # and loratool's own merge of it gives the fine-tuned weights
+    r = cli_run("merge", base, out, "-o", tmp_path / "merged", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    assert torch.equal(merged["lm_head.weight"], ft["lm_head.weight"])
+    key = "model.layers.1.mlp.down_proj.weight"
+    torch.testing.assert_close(merged[key], ft[key], rtol=0, atol=1e-5)
+
+
 def test_measured_errors_and_dtype(cli_run, pair, tmp_path):
     base, ft_dir, tensors, ft = pair
     out = tmp_path / "bf16"

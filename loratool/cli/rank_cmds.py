@@ -512,6 +512,7 @@ def extract(
         f"{where}: {len(errors)} modules at rank {shown}, {render.human_count(adapter.params)} params, "
         f"relative error mean {doc['mean_relative_error']:.3g}, max {doc['max_relative_error']:.3g} "
         f"({res.seconds:.1f} s on {res.device}); base {doc['base_model']}"
+        + (f"; kept whole (modules_to_save): {', '.join(res.full)}" if res.full else "")
     )
     if res.not_extracted:
         names = ", ".join(x["name"] for x in res.not_extracted[:5])
