@@ -454,3 +454,84 @@ def test_savings_counts_logical_params_and_stored_bytes(cli_run):
         i.nbytes for i in read_header(Q / "llama-nf4" / "model.safetensors").tensors.values()
     )
     assert base["bytes"] < plain["bytes"] / 4 and "NF4" in base["quantization"]
+
+
+def test_expert_lora_into_mxfp4_matches_peft(cli_run, tmp_path):
+    """peft's target_parameters LoRA on gpt-oss experts (and a q_proj LoRA), merged by peft's
+    merge_and_unload into the model transformers dequantizes from the MXFP4 fixture, equals
+    loratool's --dtype float32 merge; kept as MXFP4, the experts are requantized."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(Q / "gptoss-mxfp4", dtype=torch.float32)
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
+    peft_model = get_peft_model(model, cfg)
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    want = {k: v.detach() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    merged(
+        cli_run,
+        Q / "gptoss-mxfp4",
+        tmp_path / "deq",
+        "--dtype",
+        "float32",
+        adapter=tmp_path / "adapter",
+    )
+    out = load_file(tmp_path / "deq" / "model.safetensors")
+    for layer in (0, 1):
+        for p in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "self_attn.q_proj.weight"):
+            name = f"model.layers.{layer}.{p}"
+            assert same_bits(out[name], want[name]), name
+    doc = merged(cli_run, Q / "gptoss-mxfp4", tmp_path / "keep", adapter=tmp_path / "adapter")
+    entries = {e["name"]: e for e in doc["tensors"]}
+    assert entries["model.layers.0.mlp.experts.gate_up_proj"]["op"] == "delta+requantize"
+    assert doc["quantization"]["weights_rewritten"] == 4
+
+
+def test_sharded_fp8_base_with_scales_in_another_shard(cli_run, tmp_path):
+    """A weight and its scale in different shards: the group is written where its first part
+    was, and the index says so."""
+    from safetensors.torch import save_file
+
+    t = load_file(Q / "llama-fp8" / "model.safetensors")
+    base = tmp_path / "sharded"
+    base.mkdir()
+    shutil_copy = (Q / "llama-fp8" / "config.json").read_text()
+    (base / "config.json").write_text(shutil_copy)
+    first = {k: v for k, v in t.items() if not k.endswith("_scale_inv")}
+    second = {k: v for k, v in t.items() if k.endswith("_scale_inv")}
+    save_file(first, base / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+    save_file(second, base / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
+    wm = {k: "model-00001-of-00002.safetensors" for k in first}
+    wm.update({k: "model-00002-of-00002.safetensors" for k in second})
+    (base / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": wm})
+    )
+    merged(cli_run, base, tmp_path / "out")
+    single = tmp_path / "single"
+    merged(cli_run, Q / "llama-fp8", single)
+    want = load_file(single / "model.safetensors")
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())[
+        "weight_map"
+    ]
+    got = {}
+    for shard in sorted(set(index.values())):
+        got.update(load_file(tmp_path / "out" / shard))
+    assert set(got) == set(want) == set(index)
+    for k, v in want.items():
+        assert same_bits(got[k], v), k
+        assert k in load_file(tmp_path / "out" / index[k])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert index[q + "_scale_inv"] == index[q] == "model-00001-of-00002.safetensors"
+    k = "model.layers.0.mlp.up_proj.weight_scale_inv"  # untouched: stays where it was
+    assert index[k] == "model-00002-of-00002.safetensors"

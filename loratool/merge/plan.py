@@ -382,7 +382,7 @@ def plan_merge(
         # components, original layouts and fused tensors; see loratool/image); a quantized
         # base's logical weights stand in for its stored values and scales
         if qb is not None:
-            resolved = resolve(inp.adapter, against, source=inp.label)
+            resolved = resolve(inp.adapter, against, source=inp.label, facts=facts)
             parts = ResolvedParts(list(resolved.modules.items()), list(resolved.ops.items()))
         else:
             parts = resolve_parts(
