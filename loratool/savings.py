@@ -74,13 +74,16 @@ def fits_base(module_rows: list[dict], base) -> bool:
     out the adapters made for it even when they do not record their base model.
     """
     from .formats.resolve import candidates
+    from .quant import detect_base, logical_shapes
 
-    keys = base.keys()
+    # a quantized base's weights as the model holds them (what an adapter was made for)
+    shapes = {n: tuple(t.shape) for n, t in logical_shapes(base, detect_base(base)).items()}
+    keys = list(shapes)
     for m in module_rows:
         found = candidates(m["name"], keys)
         if len(found) != 1:
             return False
-        have = tuple(base.tensors[found[0]].shape)
+        have = shapes[found[0]]
         want = tuple(m["base_shape"])
         if have != want and not (len(want) == 2 and have == want[::-1]):
             return False

@@ -535,3 +535,40 @@ def test_sharded_fp8_base_with_scales_in_another_shard(cli_run, tmp_path):
     assert index[q + "_scale_inv"] == index[q] == "model-00001-of-00002.safetensors"
     k = "model.layers.0.mlp.up_proj.weight_scale_inv"  # untouched: stays where it was
     assert index[k] == "model-00002-of-00002.safetensors"
+
+
+def test_double_quant_nf4_is_refused_before_writing_unless_dequantized(cli_run, tmp_path):
+    import bitsandbytes.functional as F
+    import make_fixtures as mf
+
+    w = mf.llama_tensors()
+    t = load_file(Q / "llama-nf4" / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    for k in [k for k in t if k.startswith(name + ".")]:
+        del t[k]
+    q, st = F.quantize_4bit(
+        w[name].to(torch.bfloat16), blocksize=64, compress_statistics=True, quant_type="nf4"
+    )
+    t[name] = q
+    for k, v in st.as_dict(packed=True).items():
+        t[f"{name}.{k}"] = v
+    cfg = json.loads((Q / "llama-nf4" / "config.json").read_text())
+    cfg["quantization_config"]["bnb_4bit_use_double_quant"] = True
+    base = _copy_base(Q / "llama-nf4", tmp_path / "dq", t, cfg)
+    r = cli_run("merge", base, PLAIN, "-o", tmp_path / "out")
+    assert r.exit_code == 1 and "double-quant" in r.stderr and name in r.stderr
+    assert not (tmp_path / "out").exists()
+    merged(cli_run, base, tmp_path / "deq", "--dtype", "bfloat16")
+    out = load_file(tmp_path / "deq" / "model.safetensors")
+    st.dtype = torch.float32
+    ref = F.dequantize_4bit(q, st)  # rows of 64: bitsandbytes' CPU kernel is right here
+    assert same_bits(out[name], (ref + deltas()[name]).to(torch.bfloat16))
+
+
+def test_savings_catalog_view_of_a_quantized_base(cli_run):
+    r = cli_run("add", PLAIN, "--task", "t", "--name", "plain")
+    assert r.exit_code == 0, r.output
+    # NF4 stores q_proj as a (2048, 1) byte column; the adapter fits the 64×64 weight it holds
+    for q in ("llama-nf4", "llama-fp8"):
+        doc = json.loads(cli_run("savings", "--base", Q / q, "--json").stdout)
+        assert [a["name"] for a in doc["adapters"]] == ["plain"], q

@@ -100,6 +100,15 @@ def plan_groups(
                     file=next(iter(lw.parts.values())).file,
                     tensor=name,
                 )
+        if steps and mode == "requantize":
+            why = qb.codec.cannot_encode(lw)
+            if why:
+                raise ValidationError(
+                    why,
+                    file=next(iter(lw.parts.values())).file,
+                    tensor=name,
+                    hint="write the merge dequantized with --dtype bfloat16",
+                )
         if steps or mode == "dequantize":
             out[name] = (mode, steps)
     return out

@@ -94,6 +94,10 @@ class Codec:
     def encode(self, lw: LogicalWeight, w: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def cannot_encode(self, lw: LogicalWeight) -> str | None:
+        """Why this weight cannot be requantized (checked when planning), or None."""
+        return None
+
     def step(self, lw: LogicalWeight, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """The scheme's own unit of error at each element: the distance between neighbouring
         representable values at that element's scale (what ``unmerge --check`` counts in)."""

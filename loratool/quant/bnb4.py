@@ -257,6 +257,14 @@ class Bnb4(Codec):
                 )
         return out
 
+    def cannot_encode(self, lw):
+        if lw.params["nested"]:
+            return (
+                "requantizing into double-quant 4-bit is not supported (bitsandbytes quantizes "
+                "the absmax with its compiled CPU kernel, which loratool does not re-create)"
+            )
+        return None
+
     def absmax(self, lw, parts):
         """The float32 block scales (double quant undone as dequantize_blockwise does)."""
         import torch
