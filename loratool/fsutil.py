@@ -25,6 +25,7 @@ import errno
 import os
 import secrets
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -44,6 +45,8 @@ TMP_MARK = ".loratool-tmp-"
 # been reused meanwhile (the lock is taken an instant after the temporary is created).
 STALE_AGE = 60.0
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO must not wait for a writer
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
@@ -209,7 +212,7 @@ def _hold(path: Path) -> Iterator[bool]:
         yield True
         return
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
     except OSError:
         yield False
         return
@@ -258,8 +261,11 @@ def clean_stale(directory: str | os.PathLike, *, now: float | None = None) -> li
             continue
         if pid_alive(pid) and now - st.st_mtime <= STALE_AGE:
             continue
-        if p.is_symlink():
-            _remove(p)  # never followed; nobody locks a link
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            # A link, a FIFO (opening it would block), …: never followed or opened, and no
+            # writer of ours makes or locks one.
+            with contextlib.suppress(OSError):
+                p.unlink()
             removed.append(p)
             continue
         with _hold(p) as free:
@@ -504,14 +510,17 @@ def copy_contained(src: Path, dst: Path, roots: Iterable[Path]) -> None:
     """Copy ``src`` to ``dst`` only if it resolves to a regular file inside ``roots``; the
     resolved file is opened without following links, so a link swapped in since the check is
     refused rather than followed."""
-    real = contained_target(src, roots)
-    if real is None:
+    real = real_path(src)
+    if not any(_inside(real, real_path(r)) for r in roots):
         raise ValidationError("is a link to outside the model directory; not copied", file=src)
     try:
-        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(real, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ValidationError("became a link while it was copied", file=src) from exc
         raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped for a FIFO or a device meanwhile
+        os.close(fd)
+        raise ValidationError("is not a regular file; not copied", file=src)
     with os.fdopen(fd, "rb") as fin, open(dst, "wb") as fout:
         shutil.copyfileobj(fin, fout, 1 << 20)

@@ -698,8 +698,10 @@ def test_hf_cache_snapshot_links_are_copied(cli_run, work, tmp_path, secret):
     assert "leak.txt" in r.stderr and not (tmp_path / "out" / "leak.txt").exists()
 
 
-def test_link_swapped_after_planning_is_not_followed(work, tmp_path, secret):
-    """The check is repeated when the file is copied: a link made after the plan is refused."""
+@pytest.mark.parametrize("swap", ["link", "fifo"])
+def test_file_swapped_after_planning_is_not_followed(work, tmp_path, secret, swap):
+    """The check is repeated when the file is copied: a link made after the plan is refused,
+    and a FIFO put in its place does not hang the merge."""
     from loratool.merge import AdapterInput, execute, plan_merge
     from loratool.sources import open_adapter
 
@@ -712,8 +714,12 @@ def test_link_swapped_after_planning_is_not_followed(work, tmp_path, secret):
     )
     cfg = work / "llama" / "config.json"
     cfg.unlink()
-    cfg.symlink_to(secret)
-    with pytest.raises(ValidationError, match="link to outside"):
+    if swap == "link":
+        cfg.symlink_to(secret)
+    else:
+        os.mkfifo(cfg)
+    msg = "link to outside" if swap == "link" else "not a regular file"
+    with pytest.raises(ValidationError, match=msg):
         execute(plan)
     assert not (tmp_path / "out").exists() and temporaries(tmp_path) == []
 
@@ -805,6 +811,8 @@ def test_clean_stale_rules(tmp_path):
     own = d / f"{TMP_MARK}own.{os.getpid()}.ddd"
     own.mkdir()
     os.utime(own, (old, old))
+    fifo = d / f"{TMP_MARK}f.{dead}.eee"  # opening it to test the lock would block
+    os.mkfifo(fifo)
     unrelated = d / ".loratool-tmp-not-a-temp"
     unrelated.write_text("x")
     try:
@@ -813,7 +821,7 @@ def test_clean_stale_rules(tmp_path):
         holder.kill()
         holder.wait()
     assert sorted(p.name for p in removed) == sorted(
-        p.name for p in (stale_dir, stale_file, stale_link, reused)
+        p.name for p in (stale_dir, stale_file, stale_link, fifo, reused)
     )
     assert (d / "victim").read_text() == "not ours"
     assert temporaries(d) == sorted(p.name for p in (live, young, own, unrelated))
