@@ -32,6 +32,11 @@ GOAL_S = 0.3
 TASKS = [f"task-{i:02d}" for i in range(20)]
 BASES = ["meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-0.5B", "mistralai/Mistral-7B-v0.3"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+SD_BASES = [
+    "sd_xl_base_1.0.safetensors",
+    "v1-5-pruned-emaonly.safetensors",
+    "flux1-dev.safetensors",
+]
 
 
 def build(home: Path, n: int, seed: int = 0) -> float:
@@ -92,6 +97,15 @@ def build(home: Path, n: int, seed: int = 0) -> float:
                 format="peft",
                 tags=rng.sample(["v1", "v2", "prod", "exp", "eval"], rng.randint(0, 2)),
                 meta={"lr": "2e-4", "epochs": str(rng.randint(1, 5))},
+                # what an sd-scripts file carries, as `add` records it (issue 13)
+                training={
+                    "base_model": rng.choice(SD_BASES),
+                    "steps": str(rng.choice([500, 1000, 2000, 4000])),
+                    "optimizer": rng.choice(["AdamW8bit", "Prodigy", "Lion"]),
+                    "trigger_words": f"trig{i:05d} person, portrait",
+                },
+                file_sha256=f"{rng.getrandbits(256):064x}",
+                tensor_sha256=f"{rng.getrandbits(256):064x}",
             )
         )
     cat.insert_records(records)
@@ -138,6 +152,11 @@ def main() -> None:
     home = args.home or Path(tmp.name) / "home"
     built = build(home, args.n)
     print(f"built a catalog of {args.n:,} adapters in {built:.1f} s at {home}")
+    probe = f"adapter-{min(4242, args.n - 2):05d}"
+    from loratool.catalog import Catalog
+
+    with Catalog(home) as cat:
+        probe_hash = cat.get(probe)["tensor_sha256"][:12]
 
     commands = [
         ("python -c pass (interpreter start)", None),
@@ -146,8 +165,14 @@ def main() -> None:
         ("loratool list --task task-07", ["list", "--task", "task-07"]),
         ("loratool list --json", ["list", "--json"]),
         ("loratool list --task task-07 --json", ["list", "--task", "task-07", "--json"]),
-        ("loratool show adapter-04242", ["show", "adapter-04242"]),
-        ("loratool show adapter-04242 --json", ["show", "adapter-04242", "--json"]),
+        (
+            "loratool list --trained base_model=*xl* --trained steps=2000",
+            ["list", "--trained", "base_model=*xl*", "--trained", "steps=2000"],
+        ),
+        ("loratool list --trigger trig00042", ["list", "--trigger", "trig00042"]),
+        (f"loratool list --hash {probe_hash}", ["list", "--hash", probe_hash]),
+        (f"loratool show {probe}", ["show", probe]),
+        (f"loratool show {probe} --json", ["show", probe, "--json"]),
     ]
     results = []
     for label, argv in commands:

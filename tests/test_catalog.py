@@ -249,8 +249,8 @@ def test_taken_name_is_an_error_unless_replace(cat, tmp_path):
 def test_identical_adapters_share_one_blob_until_both_are_removed(cat, tmp_path):
     src = make_peft_dir(tmp_path / "a")
     a = cat.add(src, task="t", name="one")
-    b = cat.add(src, task="u", name="two")
-    assert a["sha256"] == b["sha256"]
+    b = cat.add(src, task="u", name="two", keep_both=True)  # the same weights, on purpose
+    assert a["sha256"] == b["sha256"] and b["same_weights"] == ["one"]
     assert len(blob_files(cat.home)) == 1
     cat.remove("one")
     assert len(blob_files(cat.home)) == 1 and cat.exists("two")
@@ -464,7 +464,7 @@ def test_corrupt_blob_is_found_and_refused(cat, tmp_path):
         cat.export("a", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     # Adding the same adapter again repairs the blob.
-    cat.add(tmp_path / "a", task="t", name="again")
+    cat.add(tmp_path / "a", task="t", name="again", keep_both=True)
     assert cat.verify().ok
 
 

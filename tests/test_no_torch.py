@@ -37,6 +37,7 @@ COMMANDS = [
     ["list"],
     ["list", "--json"],
     ["list", "--task", "t", "--tag", "v1"],
+    ["list", "--trained", "base_model=tiny/*", "--trigger", "x", "--meta", "k", "--hash", "ab"],
     ["show", "a"],
     ["show", "a", "--json"],
     ["verify"],
@@ -101,3 +102,16 @@ sys.exit(99 if "torch" in sys.modules else 0)
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_upgrading_an_old_catalog_on_list_does_not_import_torch(loratool_home, tmp_path):
+    """0003_training reads the training facts of the adapters already there from their blobs'
+    headers: without torch, so the first `list` after an upgrade answers as fast as ever."""
+    from test_catalog_training import SS_META, kohya_tensors, old_catalog, save_like_sd_scripts
+
+    f = save_like_sd_scripts(tmp_path / "xl.safetensors", kohya_tensors(), SS_META)
+    old_catalog(loratool_home, {"xl": f})
+    r = run(["list", "--trained", "steps=1200", "--json"], loratool_home)
+    assert "TORCH IMPORTED" not in r.stderr
+    assert r.returncode == 0, r.stderr
+    assert '"name": "xl"' in r.stdout

@@ -26,20 +26,37 @@ Nothing here imports torch at import time: ``list``, ``show`` and ``verify`` nev
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import functools
 import hashlib
 import json
 import os
-import re
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CatalogError, NotFoundError, ValidationError
 from .blobs import BlobStore, hang_for_tests
+from .migrations import (  # noqa: F401  (re-exported: catalog.db was their home)
+    KNOWN_MIGRATIONS,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    USER_TABLES,
+    sqlite_utils,
+)
+from .records import (  # noqa: F401  (re-exported: catalog.db was their home)
+    AdapterRecord,
+    ModuleRecord,
+    _natural_key,
+    _nonempty,
+    _now,
+    _num,
+    default_home,
+    default_name,
+    record_from_adapter,
+    validate_name,
+)
+from .search import conditions
 from .sqlerrors import (
     cannot_write,
     catalog_error,
@@ -51,294 +68,11 @@ from .verify import Problem, VerifyReport, adapter_row_problems, module_row_prob
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
+    from ..tensors.digest import WeightsIdentity
 
-
-def _import_sqlite_utils():
-    """Import sqlite-utils without letting it import numpy and pandas.
-
-    sqlite-utils imports both, when installed, only to map their scalar types to column types;
-    the catalog never inserts them, and numpy alone costs ~60 ms — a fifth of the 0.3 s that
-    ``list`` and ``show`` have in all. They are hidden only while sqlite-utils loads, and only
-    when nothing has imported them yet; a later ``import numpy`` works as usual."""
-    import sys
-
-    hidden = [m for m in ("numpy", "pandas") if m not in sys.modules]
-    for m in hidden:
-        sys.modules[m] = None  # type: ignore[assignment]  # makes `import m` raise ImportError
-    try:
-        import sqlite_utils
-    finally:
-        for m in hidden:
-            if sys.modules.get(m, 0) is None:
-                del sys.modules[m]
-    return sqlite_utils
-
-
-sqlite_utils = _import_sqlite_utils()
-Migrations = sqlite_utils.Migrations
 
 DB_NAME = "catalog.db"
 BUSY_TIMEOUT = 60.0  # seconds a writer waits for another one before giving up
-_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-_MAX_NAME = 200
-
-
-# -- migrations -------------------------------------------------------------------------
-MIGRATIONS = Migrations("loratool")
-
-
-@MIGRATIONS(name="0001_initial")
-def _m0001_initial(db: sqlite_utils.Database) -> None:
-    db["adapters"].create(
-        {
-            "name": str,
-            "task": str,
-            "base_model": str,
-            "description": str,
-            "source": str,
-            "format": str,
-            "rank": int,
-            "alpha": float,
-            "modules": int,
-            "params": int,
-            "dense_params": int,
-            "bytes": int,
-            "dtype": str,
-            "rslora": int,
-            "created": str,
-            "sha256": str,
-        },
-        pk="name",
-        not_null={"task", "sha256", "created"},
-    )
-    # name is the primary key (SQLite indexes it); (task, name) serves both the --task filter
-    # and list's "by task then name" order without a sort.
-    db["adapters"].create_index(["task", "name"], index_name="idx_adapters_task_name")
-    db["adapters"].create_index(["base_model"], index_name="idx_adapters_base_model")
-    db["adapters"].create_index(["sha256"], index_name="idx_adapters_sha256")
-    db["modules"].create(
-        {
-            "adapter": str,
-            "name": str,
-            "position": int,
-            "kind": str,
-            "a_shape": str,  # JSON lists
-            "b_shape": str,
-            "base_shape": str,
-            "rank": int,
-            "alpha": float,
-            "scale": float,
-            "params": int,
-            "dense_params": int,
-            "dtype": str,
-        },
-        pk=("adapter", "name"),
-    )
-    db["tags"].create({"adapter": str, "tag": str}, pk=("adapter", "tag"))
-    db["tags"].create_index(["tag"], index_name="idx_tags_tag")
-    db["meta"].create({"adapter": str, "key": str, "value": str}, pk=("adapter", "key"))
-
-
-@MIGRATIONS(name="0002_remotes")
-def _m0002_remotes(db: sqlite_utils.Database) -> None:
-    # Where an adapter was pushed on the Hub (written by `push`, shown by `show`).
-    db["remotes"].create(
-        {"adapter": str, "repo": str, "revision": str, "commit": str, "pushed_at": str},
-        pk=("adapter", "repo", "revision"),
-    )
-
-
-KNOWN_MIGRATIONS = tuple(m.name for m in MIGRATIONS._migrations)
-SCHEMA_VERSION = len(KNOWN_MIGRATIONS)
-USER_TABLES = ("adapters", "modules", "tags", "meta", "remotes")
-
-
-# -- names and homes --------------------------------------------------------------------
-def default_home() -> Path:
-    """``$LORATOOL_HOME``, else ``~/.loratool``."""
-    env = os.environ.get("LORATOOL_HOME")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".loratool"
-
-
-def validate_name(name: str) -> str:
-    """A catalog name: ``[A-Za-z0-9._-]+``, not ``.`` or ``..``, at most 200 characters."""
-    if (
-        not isinstance(name, str)
-        or not _NAME.match(name)
-        or name in (".", "..")
-        or len(name) > _MAX_NAME
-    ):
-        raise ValidationError(
-            f"bad adapter name {name!r}",
-            hint="use letters, digits, '.', '_' and '-' (at most 200), not '.' or '..'",
-        )
-    return name
-
-
-def default_name(source: str | os.PathLike) -> str:
-    """The name ``add`` uses without ``--name``: the directory or file stem, sanitised."""
-    p = Path(source)
-    if p.is_file() or p.suffix == ".safetensors":
-        stem = p.parent.name if p.name == "adapter_model.safetensors" else p.stem
-    else:
-        stem = p.resolve().name if str(p) in (".", "") else p.name
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.")
-    if not cleaned:
-        raise ValidationError(
-            "cannot make an adapter name from this path", file=source, hint="pass --name"
-        )
-    return validate_name(cleaned[:_MAX_NAME])
-
-
-def _nonempty(what: str, value: object) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValidationError(f"{what} must be a non-empty string, got {value!r}")
-    return value.strip()
-
-
-def _num(x: Any) -> Any:
-    """16.0 → 16: alpha is a float in the database but usually a whole number."""
-    if isinstance(x, float) and x.is_integer():
-        return int(x)
-    return x
-
-
-def _natural_key(name: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-# -- records ----------------------------------------------------------------------------
-@dataclass
-class ModuleRecord:
-    """What the catalog knows about one module without its tensors."""
-
-    name: str
-    kind: str
-    a_shape: list[int]
-    b_shape: list[int]
-    base_shape: list[int]
-    rank: int
-    alpha: float
-    scale: float
-    params: int
-    dense_params: int
-    dtype: str
-
-
-@dataclass
-class AdapterRecord:
-    """One catalog entry: the row, its modules, tags and key/values. ``sha256`` names its blob."""
-
-    name: str
-    task: str
-    sha256: str
-    modules: list[ModuleRecord]
-    bytes: int
-    dtype: str
-    base_model: str | None = None
-    description: str | None = None
-    source: str | None = None
-    format: str | None = None
-    rslora: bool = False
-    tags: list[str] = field(default_factory=list)
-    meta: dict[str, str] = field(default_factory=dict)
-    created: str | None = None
-
-    def row(self) -> dict[str, Any]:
-        mods = self.modules
-        return {
-            "name": self.name,
-            "task": self.task,
-            "base_model": self.base_model,
-            "description": self.description,
-            "source": self.source,
-            "format": self.format,
-            "rank": max((m.rank for m in mods), default=0),
-            "alpha": max((m.alpha for m in mods), default=0.0),
-            "modules": len(mods),
-            "params": sum(m.params for m in mods),
-            "dense_params": sum(m.dense_params for m in mods),
-            "bytes": self.bytes,
-            "dtype": self.dtype,
-            "rslora": int(bool(self.rslora)),
-            "created": self.created or _now(),
-            "sha256": self.sha256,
-        }
-
-    def validate(self) -> None:
-        validate_name(self.name)
-        self.task = _nonempty("task", self.task)
-        self.tags = sorted({_nonempty("tag", t) for t in self.tags})
-        for k, v in self.meta.items():
-            _nonempty("meta key", k)
-            if not isinstance(v, str):
-                raise ValidationError(f"meta value for {k!r} must be a string")
-        if not re.match(r"^[0-9a-f]{64}$", self.sha256 or ""):
-            raise ValidationError(f"not a sha256: {self.sha256!r}")
-        if not self.modules:
-            raise ValidationError("an adapter needs at least one module", tensor=self.name)
-
-
-def record_from_adapter(
-    adapter: Adapter, *, name: str, task: str, sha256: str, **fields: Any
-) -> AdapterRecord:
-    """The catalog's rows for ``adapter``: one module row per module, and one per full-tensor
-    operation (kind ``replace`` / ``rows`` / ``add``, a_shape its tensor's shape, rank 0), so
-    that ``show`` lists and ``list``/``savings`` count every stored tensor."""
-    mods = []
-    for m in sorted(adapter.modules.values(), key=lambda m: _natural_key(m.name)):
-        a_shape, b_shape = m.shapes()
-        mods.append(
-            ModuleRecord(
-                name=m.name,
-                kind=m.label,
-                a_shape=a_shape,
-                b_shape=b_shape,
-                base_shape=list(m.base_shape),
-                rank=m.rank,
-                alpha=m.alpha,
-                scale=m.scale,
-                params=m.params,
-                dense_params=m.dense_params,
-                dtype=m.dtype_name,
-            )
-        )
-    for o in sorted(adapter.ops.values(), key=lambda o: _natural_key(o.target)):
-        shapes = [list(t.shape) for t in o.tensors().values()]
-        mods.append(
-            ModuleRecord(
-                # the primary key is (adapter, name): an operation on a tensor a module also
-                # changes (token rows of an adapted embedding) gets its own row name
-                name=o.target if o.target not in adapter.modules else f"{o.target}#{o.op}",
-                kind=o.op,
-                a_shape=shapes[0],
-                b_shape=shapes[1] if len(shapes) > 1 else [],
-                base_shape=shapes[0],
-                rank=0,
-                alpha=0.0,
-                scale=float(getattr(o, "scale", 1.0)),
-                params=o.params,
-                dense_params=o.dense_params,
-                dtype=o.dtype_name,
-            )
-        )
-    return AdapterRecord(
-        name=name,
-        task=task,
-        sha256=sha256,
-        modules=mods,
-        bytes=adapter.nbytes,
-        dtype=adapter.dtype_name,
-        rslora=adapter.rslora,
-        format=adapter.meta.format,
-        **fields,
-    )
 
 
 # -- the catalog ------------------------------------------------------------------------
@@ -697,17 +431,20 @@ class Catalog:
 
     @_translated("cannot read the catalog")
     def get(self, name: str) -> dict[str, Any]:
-        """The adapter's row, with ``tags`` (a sorted list) and ``meta`` (a dict)."""
+        """The adapter's row, with ``tags`` (a sorted list), ``meta`` and ``training`` (dicts)."""
         row = self._clean_row(self._row(name))
         row["tags"] = [
             r[0]
             for r in self.db.execute("select tag from tags where adapter = ? order by tag", [name])
         ]
-        row["meta"] = dict(
-            self.db.execute(
-                "select key, value from meta where adapter = ? order by key", [name]
+        for table in ("meta", "training"):
+            pairs = self.db.execute(
+                f"select key, value from {table} where adapter = ? order by key", [name]
             ).fetchall()
-        )
+            bad = [f"{table} {k!r} = {v!r} is not text" for k, v in pairs if not isinstance(v, str)]
+            if bad:
+                self._damaged(name, bad)
+            row[table] = dict(pairs)
         return row
 
     @_translated("cannot read the catalog")
@@ -717,10 +454,20 @@ class Catalog:
         task: str | None = None,
         base_model: str | None = None,
         tag: str | Iterable[str] | None = None,
+        trained: Iterable[tuple[str, str | None]] = (),
+        meta: Iterable[tuple[str, str | None]] = (),
+        trigger: str | None = None,
+        hash_prefix: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Rows sorted by task then name, each with its ``tags``; filters are exact matches
-        (several tags: all of them)."""
-        where, params = [], []
+        """Rows sorted by task then name, each with its ``tags``. ``task``, ``base_model`` and
+        ``tag`` are exact matches (several tags: all of them); ``trained`` / ``meta``: (key,
+        value) pairs a training fact / key-value must match (value None: the key is there; a
+        glob with ``*``/``?``; any case); ``trigger``: a word in the trigger words;
+        ``hash_prefix``: the start of the blob's, the source file's or its tensor bytes'
+        sha256 (see ``catalog.search``). Every filter given must hold."""
+        where, params = conditions(
+            trained=trained, meta=meta, trigger=trigger, hash_prefix=hash_prefix
+        )
         if task is not None:
             where.append("a.task = ?")
             params.append(task)
@@ -770,10 +517,52 @@ class Catalog:
             )
         ]
 
+    def _twins(
+        self, tensor_sha256: str | None, scales: list[tuple], file_sha256: str | None = None
+    ) -> tuple[list[str], list[str]]:
+        """The adapters added from a file with these tensor bytes: (the same weights: their
+        modules have the same ranks and scales too; the same tensors whose config gives other
+        scales, e.g. a PEFT directory whose lora_alpha was edited). Those added from the very
+        file ``file_sha256`` come first, then the oldest."""
+        if not tensor_sha256:
+            return [], []
+        names = [
+            r[0]
+            for r in self.db.execute(
+                "select name from adapters where tensor_sha256 = ? "
+                "order by file_sha256 is not ?, created, name",
+                [tensor_sha256, file_sha256],
+            )
+        ]
+        same, other = [], []
+        for n in names:
+            (same if self._scales(n) == scales else other).append(n)
+        return same, other
+
+    def _scales(self, name: str) -> list[tuple]:
+        return sorted(
+            (str(n), str(k), int(r), float(a), float(s))
+            for n, k, r, a, s in self.db.execute(
+                "select name, kind, rank, alpha, scale from modules where adapter = ?", [name]
+            )
+        )
+
+    @_translated("cannot read the catalog")
+    def same_weights(self, name: str) -> dict[str, list[str]]:
+        """The other adapters added from files with the same tensor bytes as ``name``'s
+        (``tensor_sha256``, which a metadata edit leaves as it is): ``same_weights`` (the same
+        adapter, whatever its metadata says) and ``same_tensors`` (the same tensors, other
+        scales: its config says another alpha)."""
+        row = self._row(name)
+        same, other = self._twins(row.get("tensor_sha256"), self._scales(name))
+        return {"same_weights": [n for n in same if n != name], "same_tensors": other}
+
     @_translated("cannot read the catalog")
     def info(self, name: str) -> dict[str, Any]:
-        """Everything about one adapter: the row, tags, meta, modules and remotes."""
+        """Everything about one adapter: the row, tags, meta, training facts, modules, remotes
+        and the other adapters with the same weights."""
         row = self.get(name)
+        row.update(self.same_weights(name))
         row["modules_detail"] = self.modules(name)
         row["remotes"] = self.remotes(name)
         return row
@@ -818,16 +607,23 @@ class Catalog:
         meta: dict[str, str] | None = None,
         description: str | None = None,
         replace: bool = False,
+        keep_both: bool = False,
     ) -> dict[str, Any]:
-        """Validate and import the adapter at ``source`` (PEFT dir, .safetensors file).
+        """Validate and import the adapter at ``source`` (PEFT dir, .safetensors file, any
+        readable format), with the training facts the file carries and its hashes.
 
-        The base model defaults to the one the adapter's config names. Returns the new row."""
+        The base model defaults to the one the adapter's config names. The same weights as an
+        adapter already here (the same tensor bytes and scales; only the metadata may differ)
+        are refused, naming it: ``replace`` then updates that adapter (under its name, unless
+        ``name`` is given), ``keep_both`` adds this one beside it. Returns the new row, with
+        ``same_weights`` / ``same_tensors`` (see :meth:`same_weights`)."""
         src = Path(source)
-        name = validate_name(name) if name is not None else default_name(src)
+        named = name is not None
+        name = validate_name(name) if named else default_name(src)
         _nonempty("task", task)
-        if not replace and self.exists(name):
+        if named and not replace and self.exists(name):
             self._taken(name)  # fail before the slow load; checked again under the lock
-        from ..formats import load_adapter
+        from ..formats import load_adapter, weights_identity
 
         adapter = load_adapter(src)
         return self.add_adapter(
@@ -840,6 +636,9 @@ class Catalog:
             description=description,
             source=str(src.resolve()),
             replace=replace,
+            identity=weights_identity(src),
+            keep_both=keep_both,
+            name_given=named,
         )
 
     @_translated("cannot add to the catalog")
@@ -855,9 +654,19 @@ class Catalog:
         description: str | None = None,
         source: str | None = None,
         replace: bool = False,
+        identity: WeightsIdentity | None = None,
+        training: dict[str, str] | None = None,
+        keep_both: bool = False,
+        name_given: bool = True,
     ) -> dict[str, Any]:
-        """Import an in-memory adapter (resize/extract/combine ``--as``, pull)."""
+        """Import an in-memory adapter (resize/extract/combine ``--as``, pull).
+
+        ``identity``: the file it was read from and its hashes (``formats.weights_identity``),
+        for the same-weights check of :meth:`add` (``name_given`` False: ``name`` is only a
+        default, and the same weights keep the name they have). ``training``: its training
+        facts, by default what ``formats.training.training_of`` reads from its origin."""
         from ..formats.canonical import canonical_bytes
+        from ..formats.training import training_of
 
         validate_name(name)
         adapter.check_finite(source)
@@ -872,17 +681,67 @@ class Catalog:
             meta=dict(meta or {}),
             description=description,
             source=source,
+            training=training_of(adapter) if training is None else dict(training),
+            file_sha256=identity.file_sha256 if identity else None,
+            tensor_sha256=identity.tensor_sha256 if identity else None,
         )
         record.validate()
+        label = source or (identity.path if identity else None)
         with self._operation():
             with self._write():
+                self._check_twins(record, label, replace, keep_both, name_given)
                 self._check_free(record.name, replace)
                 self.blobs.put(data)
                 hang_for_tests("blob-stored")
                 self._insert_locked([record], replace=replace)
             hang_for_tests("row-committed")
             self._collect_garbage()
-        return self.get(record.name)
+        row = self.get(record.name)
+        row.update(self.same_weights(record.name))
+        return row
+
+    def _check_twins(
+        self, record: AdapterRecord, label: object, replace: bool, keep_both: bool, named: bool
+    ) -> None:
+        """Refuse to add the same weights twice (under the write lock, so two adds of one file
+        at once cannot both pass). A default name gives way to the name the weights have."""
+        scales = sorted(
+            (m.name, m.kind, int(m.rank), float(m.alpha), float(m.scale)) for m in record.modules
+        )
+        same, _other = self._twins(record.tensor_sha256, scales, record.file_sha256)
+        if not same or keep_both:
+            return
+        if record.name in same:
+            if replace:
+                return  # an update of the adapter these weights already are
+            twin, hint = self._row(record.name), "pass --replace to update it from this file"
+            lead = f"the name {record.name!r} is taken, by the same weights"
+        elif not named and replace:
+            record.name = same[0]  # a default name gives way: update it from this file
+            return
+        else:
+            twin = self._row(same[0])
+            hint = (
+                f"pass --replace to update {twin['name']} from this file, or --name NEW "
+                "--keep-both to keep both"
+                if not named
+                else f"pass --name {twin['name']} --replace to update it from this file, or "
+                f"--keep-both to add {record.name} as well"
+            )
+            lead = f"same weights as {twin['name']}"
+        others = [n for n in same if n != twin["name"]]
+        more = f" (and {len(others)} more)" if others else ""
+        what = (
+            "the same file"
+            if twin.get("file_sha256") == record.file_sha256
+            else "only the metadata differs"
+        )
+        raise CatalogError(
+            f"{lead}{more} (tensor sha256 {record.tensor_sha256[:12]}…, "
+            f"added {twin['created']}): {what}",
+            file=label,
+            hint=hint,
+        )
 
     @_translated("cannot add to the catalog")
     def insert_records(self, records: Iterable[AdapterRecord], *, replace: bool = False) -> int:
@@ -982,7 +841,7 @@ class Catalog:
             self._taken(name)
 
     def _delete_locked(self, name: str) -> None:
-        for table in ("modules", "tags", "meta", "remotes"):
+        for table in ("modules", "tags", "meta", "remotes", "training"):
             self.db.execute(f"delete from {table} where adapter = ?", [name])
         self.db.execute("delete from adapters where name = ?", [name])
 
@@ -1017,14 +876,15 @@ class Catalog:
         db["tags"].insert_all(
             ({"adapter": r.name, "tag": t} for r in records for t in r.tags), batch_size=500
         )
-        db["meta"].insert_all(
-            (
-                {"adapter": r.name, "key": k, "value": v}
-                for r in records
-                for k, v in sorted(r.meta.items())
-            ),
-            batch_size=500,
-        )
+        for table in ("meta", "training"):
+            db[table].insert_all(
+                (
+                    {"adapter": r.name, "key": k, "value": v}
+                    for r in records
+                    for k, v in sorted(getattr(r, table).items())
+                ),
+                batch_size=500,
+            )
 
     def _collect_garbage(self) -> None:
         """Remove unreferenced blobs and stale temp files, in a transaction of its own."""

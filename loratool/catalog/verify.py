@@ -84,6 +84,10 @@ def adapter_row_problems(row: dict[str, Any]) -> list[str]:
     sha = row.get("sha256")
     if not isinstance(sha, str) or not _SHA.match(sha):
         out.append(f"sha256 {sha!r} is not a sha256")
+    for col in ("file_sha256", "tensor_sha256"):  # NULL: not known (made here, or added before)
+        v = row.get(col)
+        if v is not None and (not isinstance(v, str) or not _SHA.match(v)):
+            out.append(f"{col} {v!r} is not a sha256")
     for col in _INT_COLUMNS:
         v = row.get(col)
         if not _is_int(v) or v < 0:
@@ -239,7 +243,15 @@ def _rows(cat: Catalog) -> tuple[dict[str, str], list[Problem]]:
             problems.append(
                 Problem("rows", name, f"row says {n!r} modules, {counts.get(name, 0)} module rows")
             )
-    for table in ("modules", "tags", "meta", "remotes"):
+    for row in _select(cat, "select * from training", problems, "the training table"):
+        key, value = row.get("key"), row.get("value")
+        if row.get("adapter") in rows and (
+            not isinstance(key, str) or not key or not isinstance(value, str)
+        ):
+            problems.append(
+                Problem("rows", row["adapter"], f"training fact {key!r} = {value!r} is not text")
+            )
+    for table in ("modules", "tags", "meta", "remotes", "training"):
         for row in _select(cat, f"select distinct adapter from {table}", problems, table):
             if row["adapter"] not in rows:
                 problems.append(

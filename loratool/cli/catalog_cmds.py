@@ -91,19 +91,36 @@ def _emit_rows_json(rows: list[dict]) -> None:
     help="A free-form key/value; repeat for several.",
 )
 @click.option("--description", help="One line about the adapter.")
-@click.option("--replace", is_flag=True, help="Overwrite an adapter that already has this name.")
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Overwrite the adapter that has this name; without --name, the one that has the same "
+    "weights (an update of its metadata).",
+)
+@click.option(
+    "--keep-both",
+    is_flag=True,
+    help="Add it even though the catalog holds the same weights under another name.",
+)
 @json_option
 @click.pass_context
-def add(ctx, source, task, name, base_model, tags, meta, description, replace, json_):
+def add(ctx, source, task, name, base_model, tags, meta, description, replace, keep_both, json_):
     """Validate the adapter at SOURCE and import it into the catalog.
 
-    SOURCE is a PEFT directory (adapter_config.json + adapter_model.safetensors) or a
-    kohya/diffusers .safetensors file. The adapter is stored once, as a canonical blob named by
-    its sha256; prints the name and a one-line summary.
+    SOURCE is a PEFT directory (adapter_config.json + adapter_model.safetensors), a
+    kohya/diffusers/LyCORIS .safetensors file, an mlx-lm directory or a GGUF adapter. The
+    adapter is stored once, as a canonical blob named by its sha256, with the training facts
+    the file carries (ss_* and modelspec.* keys, the PEFT/mlx config, GGUF keys: `show` lists
+    them, `list --trained` filters on them) and the sha256 of the file's tensor bytes, which
+    sd-scripts, AUTOMATIC1111 and Civitai name a LoRA by (AutoV3) and which editing only the
+    metadata leaves unchanged. The same weights as an adapter already in the catalog are
+    refused, naming it: --replace updates it, --keep-both adds this one too. Prints the name and
+    a one-line summary.
 
     \b
     Example:
       loratool add ./runs/summarize-lora --task summarize --tag v1 --meta lr=2e-4
+      loratool add ./style-v2.safetensors --task style --replace   # same weights, new metadata
     """
     meta_d = _parse_meta(meta)
     cat = _catalog(ctx)
@@ -117,6 +134,7 @@ def add(ctx, source, task, name, base_model, tags, meta, description, replace, j
             meta=meta_d,
             description=description,
             replace=replace,
+            keep_both=keep_both,
         )
     finally:
         cat.close()
@@ -124,6 +142,18 @@ def add(ctx, source, task, name, base_model, tags, meta, description, replace, j
         emit_json(row)
         return
     from .render import echo, human_count, human_size
+
+    if row["same_weights"]:
+        click.echo(
+            f"note: the same weights as {sanitize(', '.join(row['same_weights']))} (kept both)",
+            err=True,
+        )
+    if row["same_tensors"]:
+        click.echo(
+            f"warning: the same tensors as {sanitize(', '.join(row['same_tensors']))}, but its "
+            "config gives other scales (alpha): added as an adapter of its own",
+            err=True,
+        )
 
     echo(row["name"])
     echo(
@@ -140,19 +170,69 @@ def add(ctx, source, task, name, base_model, tags, meta, description, replace, j
 @click.option(
     "--tag", "tags", multiple=True, help="Only adapters with this tag (repeat: all of them)."
 )
+@click.option(
+    "--trained",
+    multiple=True,
+    metavar="KEY[=VALUE]",
+    help="Only adapters whose training facts (`show` lists them: base_model, steps, "
+    "trigger_words, optimizer, …) have KEY, equal to VALUE in any case; VALUE may be a glob "
+    "(*, ?). Repeat: all of them.",
+)
+@click.option("--trigger", metavar="WORD", help="Only adapters whose trigger words contain WORD.")
+@click.option(
+    "--meta",
+    "meta",
+    multiple=True,
+    metavar="KEY[=VALUE]",
+    help="Only adapters with this --meta key/value (as --trained).",
+)
+@click.option(
+    "--hash",
+    "hash_",
+    metavar="HEX",
+    help="Only adapters whose sha256 starts with HEX: the tensor bytes' (AutoV3), the source "
+    "file's (AutoV2) or the catalog blob's.",
+)
 @json_option
 @click.pass_context
-def list_(ctx, task, base_model, tags, json_):
+def list_(ctx, task, base_model, tags, trained, trigger, meta, hash_, json_):
     """List the catalog's adapters, sorted by task then name.
+
+    The filters combine: an adapter is listed when all of them hold.
 
     \b
     Example:
       loratool list --task summarize
       loratool list --tag v1 --json
+      loratool list --trained 'base_model=*sdxl*' --trigger ohwx
+      loratool list --trained steps=2000 --trained optimizer=AdamW8bit
+      loratool list --hash 2C3F2DA7DE1D        # a Civitai AutoV3 / AUTOMATIC1111 Lora hash
     """
+    from ..catalog.search import parse_pairs
+    from ..errors import ValidationError
+
+    try:
+        if trigger is not None and not trigger.strip():
+            raise ValidationError("--trigger needs a word")
+        trained_p = parse_pairs(trained, "--trained")
+        meta_p = parse_pairs(meta, "--meta")
+        if hash_ is not None:
+            from ..catalog.search import normalize_hash
+
+            normalize_hash(hash_)
+    except ValidationError as exc:
+        raise click.BadParameter(exc.message) from exc
     cat = _catalog(ctx, read=True)
     try:
-        rows = cat.list(task=task, base_model=base_model, tag=tags)
+        rows = cat.list(
+            task=task,
+            base_model=base_model,
+            tag=tags,
+            trained=trained_p,
+            meta=meta_p,
+            trigger=trigger,
+            hash_prefix=hash_,
+        )
         home = cat.home
     finally:
         cat.close()
@@ -164,7 +244,7 @@ def list_(ctx, task, base_model, tags, json_):
     if not rows:
         from .render import echo
 
-        filtered = task or base_model or tags
+        filtered = task or base_model or tags or trained or trigger or meta or hash_
         echo(
             "no adapters match"
             if filtered
@@ -225,8 +305,11 @@ def show(ctx, name, json_):
         blob = str(cat.blobs.path(info["sha256"]))
     finally:
         cat.close()
+    from ..tensors.digest import autov2, autov3
+
     modules = info.pop("modules_detail")
     remotes = info.pop("remotes")
+    info["autov2"], info["autov3"] = autov2(info["file_sha256"]), autov3(info["tensor_sha256"])
     if json_:
         emit_json(
             {
@@ -258,14 +341,16 @@ def show(ctx, name, json_):
         ("sha256", info["sha256"]),
         ("blob", blob),
         ("tags", ", ".join(info["tags"]) or "-"),
+        *_source_hashes(info),
     ]
     width = max(len(k) for k, _ in fields)
     for k, v in fields:
         echo(f"{k:<{width}}  {v}")
-    if info["meta"]:
-        echo("meta:")
-        for k, v in info["meta"].items():
-            echo(f"  {k} = {v}")
+    for section in ("meta", "training"):
+        if info[section]:
+            echo(f"{section}:")
+            for k, v in info[section].items():
+                echo(f"  {k} = {v}")
     table(
         "modules",
         [
@@ -299,6 +384,36 @@ def show(ctx, name, json_):
                 for r in remotes
             ],
         )
+
+
+def _source_hashes(info: dict) -> list[tuple[str, str]]:
+    """show's lines about the file the adapter was added from: its hashes as sd tools give
+    them, and the other adapters with the same weights."""
+    if not info["tensor_sha256"]:
+        return [
+            (
+                "source hash",
+                "- (not recorded: made here from other adapters, or added before loratool kept it)",
+            )
+        ]
+    out = [
+        ("file sha256", f"{info['file_sha256']} (AutoV2 {info['autov2']})"),
+        ("tensor sha256", f"{info['tensor_sha256']} (AutoV3 {info['autov3']})"),
+    ]
+    declared = (info["training"].get("addnet_hash") or "").lower()
+    if declared and declared != info["tensor_sha256"]:
+        out.append(
+            (
+                "declared hash",
+                f"{declared} (the file's sshs_model_hash, not its tensor bytes' sha256; "
+                "AUTOMATIC1111 shows the declared one)",
+            )
+        )
+    if info["same_weights"]:
+        out.append(("same weights", ", ".join(info["same_weights"])))
+    if info["same_tensors"]:
+        out.append(("same tensors", ", ".join(info["same_tensors"]) + " (other scales)"))
+    return out
 
 
 @click.command()

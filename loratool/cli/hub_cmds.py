@@ -64,9 +64,14 @@ def push(ctx, name, repo, private, revision, message, json_):
 @click.option("--task", required=True, help="The task to file the adapter under.")
 @click.option("--name", help="Catalog name (default: the repository's name).")
 @click.option("--replace", is_flag=True, help="Replace an adapter of the same name.")
+@click.option(
+    "--keep-both",
+    is_flag=True,
+    help="Add it even though the catalog holds the same weights under another name.",
+)
 @json_option
 @click.pass_context
-def pull(ctx, spec, task, name, replace, json_):
+def pull(ctx, spec, task, name, replace, keep_both, json_):
     """Download an adapter from the Hub into the catalog.
 
     Only the files the adapter needs are fetched (into the Hugging Face cache), from the top of
@@ -81,7 +86,7 @@ def pull(ctx, spec, task, name, replace, json_):
     from pathlib import Path
 
     from ..catalog import Catalog, default_name
-    from ..formats import load_adapter
+    from ..formats import load_adapter, weights_identity
     from ..hub import pull_files
     from . import render
 
@@ -100,6 +105,8 @@ def pull(ctx, spec, task, name, replace, json_):
             meta={"hub_repo": info["repo"], "hub_commit": info["commit"]},
             source=f"{info['repo']}@{info['commit']}",
             replace=replace,
+            identity=weights_identity(folder),
+            keep_both=keep_both,
         )
     if json_:
         emit_json({"name": row["name"], **info, "sha256": row["sha256"]})

@@ -15,6 +15,8 @@ from pathlib import Path
 from ..adapter import Adapter
 from ..errors import FormatError, NotFoundError
 from ..fsutil import atomic_dir, atomic_file
+from ..tensors.digest import WeightsIdentity
+from ..tensors.digest import weights_identity as _weights_identity
 from ..tensors.header import read_header, refuse_pickle
 from . import builtin, diffusers, gguf, kohya, lycoris, mlx  # noqa: F401  (each registers itself)
 from .registry import WriteContext, get, readable, writable
@@ -29,6 +31,7 @@ __all__ = [
     "resolve",
     "WRITE_FORMATS",
     "WriteContext",
+    "weights_identity",
 ]
 
 
@@ -56,6 +59,30 @@ def detect_format(path: str | os.PathLike) -> str:
     )
 
 
+def _target(p: Path, fmt) -> Path:
+    """The path a format's reader is given: a directory of a one-file format means its file."""
+    if p.is_dir() and fmt.layout == "file":
+        return sorted(p.glob("*.safetensors"))[0]
+    return p
+
+
+def weights_identity(path: str | os.PathLike) -> WeightsIdentity:
+    """The file holding the tensors of the adapter at ``path`` (a PEFT directory's
+    adapter_model.safetensors, mlx-lm's adapters.safetensors, else the file itself) and its
+    hashes: the whole file's sha256 and the sha256 of its tensor bytes, which sd-scripts,
+    AUTOMATIC1111 and Civitai name a LoRA by and which editing its metadata leaves unchanged
+    (``tensors.digest``)."""
+    p = Path(path)
+    fmt = get(detect_format(p))
+    target = _target(p, fmt)
+    if target.is_dir():
+        if not fmt.weights:
+            raise FormatError(f"{fmt.name}: no tensor file to hash", file=p)
+        target = target / fmt.weights
+    start = fmt.data_start(target) if fmt.data_start else None
+    return _weights_identity(target, start)
+
+
 def load_adapter(path: str | os.PathLike, *, lazy: bool = False) -> Adapter:
     """Read and validate an adapter in any supported format.
 
@@ -65,10 +92,7 @@ def load_adapter(path: str | os.PathLike, *, lazy: bool = False) -> Adapter:
     p = Path(path)
     name = detect_format(p)
     fmt = get(name)
-    target = p
-    if p.is_dir() and fmt.layout == "file":
-        target = sorted(p.glob("*.safetensors"))[0]
-    adapter = fmt.read(target, lazy)
+    adapter = fmt.read(_target(p, fmt), lazy)
     adapter.meta.source = adapter.meta.source or str(p)
     adapter.meta.format = adapter.meta.format or name
     adapter.origin.setdefault("format", name)

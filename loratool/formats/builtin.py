@@ -103,6 +103,7 @@ PEFT = register(
         read=_peft_read,
         write=_peft_write,
         priority=10,
+        weights=WEIGHTS,
     )
 )
 LORATOOL = register(

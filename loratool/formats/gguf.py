@@ -281,6 +281,16 @@ def _detect(path: Path, header) -> bool:
         return fh.read(4) == MAGIC
 
 
+def data_start(path: Path) -> int:
+    """Where the tensor data section begins (after the key/values, the tensor infos and the
+    alignment padding): the bytes an edit of the key/values leaves as they are."""
+    gguf = _gguf()
+    try:
+        return int(gguf.GGUFReader(str(path)).data_offset)
+    except (ValueError, OSError, KeyError) as exc:
+        raise FormatError(f"not a readable GGUF file: {exc}", file=path) from exc
+
+
 FORMAT = register(
     Format(
         name="gguf",
@@ -291,5 +301,6 @@ FORMAT = register(
         write=write_gguf,
         priority=1,
         suffix=".gguf",
+        data_start=data_start,
     )
 )

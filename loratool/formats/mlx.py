@@ -205,5 +205,6 @@ FORMAT = register(
         read=_read,
         write=write_mlx,
         priority=5,
+        weights=WEIGHTS,
     )
 )

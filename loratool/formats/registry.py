@@ -5,6 +5,8 @@ functions; ``load_adapter``, ``save_adapter``, ``export`` and ``convert`` iterat
 (``header`` is None for directories and other files). ``read(path, lazy)`` returns an Adapter.
 ``write(adapter, tmp, ctx)`` writes into ``tmp`` (a file path, or an existing empty directory
 for ``layout == "dir"``) and appends to ``ctx.warnings`` what it could not carry exactly.
+``weights`` / ``data_start`` say which file holds the tensors and where they begin, for the
+hashes the catalog names an adapter's source by (``tensors.digest``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ class Format:
     write: Callable[[Adapter, Path, WriteContext], None] | None = None
     priority: int = 50  # lower is detected first
     suffix: str = ""  # the file suffix the format writes, for messages
+    # The file inside a "dir" layout that holds the tensors (its hashes name the adapter).
+    weights: str = ""
+    # Where that file's tensor bytes start (the tensor hash covers them to the end); None: a
+    # safetensors file, 8 + its header length.
+    data_start: Callable[[Path], int] | None = None
 
 
 _FORMATS: dict[str, Format] = {}

@@ -24,8 +24,10 @@ SAFETENSORS_KEYS = (
     ("ss_base_model_version", "base_model_version"),
     ("modelspec.architecture", "architecture"),
     ("modelspec.trigger_phrase", "trigger_words"),
-    ("ss_max_train_steps", "steps"),
+    # the steps done when the file was saved (an epoch checkpoint's), before the planned total,
+    # as the epoch it was saved at comes before the planned number of epochs
     ("ss_steps", "steps"),
+    ("ss_max_train_steps", "steps"),
     ("ss_epoch", "epochs"),
     ("ss_num_epochs", "epochs"),
     ("ss_learning_rate", "learning_rate"),
@@ -44,6 +46,24 @@ SAFETENSORS_KEYS = (
     ("modelspec.tags", "tags"),
     ("modelspec.usage_hint", "usage_hint"),
     ("sshs_model_hash", "addnet_hash"),
+    ("ss_new_sd_model_hash", "base_model_hash"),
+    ("ss_training_finished_at", "finished_at"),
+    ("ss_training_comment", "comment"),
+    ("ss_optimizer", "optimizer"),
+    ("ss_lr_scheduler", "lr_scheduler"),
+    ("ss_unet_lr", "unet_lr"),
+    ("ss_text_encoder_lr", "text_encoder_lr"),
+    ("ss_network_args", "network_args"),
+    ("ss_seed", "seed"),
+    ("ss_clip_skip", "clip_skip"),
+    ("ss_mixed_precision", "precision"),
+    ("ss_num_train_images", "train_images"),
+    ("ss_total_batch_size", "batch_size"),
+    ("ss_noise_offset", "noise_offset"),
+    ("ss_sd_scripts_commit_hash", "trainer_commit"),
+    ("modelspec.prediction_type", "prediction_type"),
+    ("modelspec.implementation", "implementation"),
+    ("modelspec.merged_from", "merged_from"),
 )
 
 
@@ -135,6 +155,14 @@ def training_of(adapter: Adapter) -> dict[str, str]:
     if o.get("gguf_training"):
         parts.append(dict(o["gguf_training"]))
     return merged(*parts)
+
+
+def training_of_origin(origin: dict[str, Any]) -> dict[str, str]:
+    """``training_of`` for an adapter of which only the ``origin`` is at hand (the catalog reads
+    it from a blob's header, without torch)."""
+    from types import SimpleNamespace
+
+    return training_of(SimpleNamespace(origin=origin))  # type: ignore[arg-type]
 
 
 def kohya_metadata(adapter: Adapter) -> dict[str, str]:
