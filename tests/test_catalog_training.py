@@ -462,3 +462,27 @@ def test_verify_finds_damaged_training_rows_and_hashes(cat, tmp_path):
     conn.close()
     with pytest.raises(CatalogError, match="damaged: training 'steps' = b'.x07' is not text"):
         cat.get("xl")
+
+
+def test_the_committed_kohya_fixture(cat):
+    f = FIX / "adapters" / "conv-kohya.safetensors"
+    row = cat.add(f, task="toy")
+    assert row["training"] == {
+        "base_model_version": "toy-conv",
+        "network_alpha": "2.0",
+        "network_args": '{"conv_dim": "4", "conv_alpha": "2.0"}',
+        "network_dim": "4",
+        "network_module": "networks.lora",
+        "title": "conv-kohya",
+    }
+    assert row["tensor_sha256"] == tensor_bytes_sha256(f)
+    assert _names(cat.list(trained=[("network_args", '*"conv_dim": "4"*')])) == ["conv-kohya"]
+
+
+def test_verify_sees_the_new_schema(cat):
+    assert cat.schema_problems() == []
+    cat.db.execute("drop table training")
+    cat.db.execute("drop index idx_adapters_tensor_sha256")
+    found = [p.message for p in cat.schema_problems()]
+    assert "table training is missing" in found
+    assert "index idx_adapters_tensor_sha256 on adapters is missing" in found

@@ -100,7 +100,7 @@ def test_pushed_files_load_in_peft(alice, case, cli_run):
         torch.testing.assert_close(
             model(ids).logits, case.peft_model(ids).logits, rtol=1e-5, atol=1e-5
         )
-    r = cli_run("pull", "alice/x@exp", "--task", "t", "--name", "x-exp")
+    r = cli_run("pull", "alice/x@exp", "--task", "t", "--name", "x-exp", "--keep-both")
     assert r.exit_code == 0, r.output
 
 

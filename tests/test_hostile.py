@@ -72,7 +72,9 @@ def work(tmp_path):
 def cataloged(cli_run, work, loratool_home):
     """The adapter added to the catalog as 'a' (and a second, 'b')."""
     assert cli_run("add", work / "adapter", "--task", "t", "--name", "a").exit_code == 0
-    assert cli_run("add", work / "adapter", "--task", "t", "--name", "b").exit_code == 0
+    # the same weights a second time, on purpose (add refuses that without --keep-both)
+    r = cli_run("add", work / "adapter", "--task", "t", "--name", "b", "--keep-both")
+    assert r.exit_code == 0
     return loratool_home
 
 

@@ -82,7 +82,19 @@ class Bench:
     def commands(self) -> dict[str, tuple[list, str | None]]:
         w = self.work
         cmds = {
-            "add": (["add", w / "adapter", "--task", "t", "--name", "added", "--replace"], None),
+            "add": (
+                [
+                    "add",
+                    w / "adapter",
+                    "--task",
+                    "t",
+                    "--name",
+                    "added",
+                    "--replace",
+                    "--keep-both",
+                ],
+                None,
+            ),
             "remove": (["remove", "added"], None),
             "merge": (["merge", w / "llama", w / "adapter", "-o", "{out}", "--device", "cpu"], "m"),
             "merge-file": (
@@ -106,7 +118,16 @@ class Bench:
         }
         if self.hub is not None:
             cmds["pull"] = (
-                ["pull", "alice/a-lora", "--task", "t", "--name", "pulled", "--replace"],
+                [
+                    "pull",
+                    "alice/a-lora",
+                    "--task",
+                    "t",
+                    "--name",
+                    "pulled",
+                    "--replace",
+                    "--keep-both",
+                ],
                 None,
             )
         return cmds
@@ -153,7 +174,14 @@ class Bench:
         """What a command needs beforehand: `remove` something to remove."""
         if name == "remove":
             r = self.cli_run(
-                "add", self.work / "adapter", "--task", "t", "--name", "added", "--replace"
+                "add",
+                self.work / "adapter",
+                "--task",
+                "t",
+                "--name",
+                "added",
+                "--replace",
+                "--keep-both",
             )
             assert r.exit_code == 0, r.output
 
