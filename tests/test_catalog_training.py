@@ -486,3 +486,15 @@ def test_verify_sees_the_new_schema(cat):
     found = [p.message for p in cat.schema_problems()]
     assert "table training is missing" in found
     assert "index idx_adapters_tensor_sha256 on adapters is missing" in found
+
+
+def test_a_kohya_export_keeps_the_tensor_hash(cat, tmp_path, cli_run):
+    """kohya → catalog → kohya writes the same tensor bytes: AUTOMATIC1111 and Civitai still
+    know the export by its hash, and adding it back is recognised as the same weights."""
+    f = save_like_sd_scripts(tmp_path / "style.safetensors", kohya_tensors(), SS_META)
+    cat.add(f, task="s")
+    out = tmp_path / "out.safetensors"
+    assert cli_run("export", "style", out, "--format", "kohya").exit_code == 0
+    assert tensor_bytes_sha256(out) == tensor_bytes_sha256(f)
+    with pytest.raises(CatalogError, match="same weights as style"):
+        cat.add(out, task="s")
