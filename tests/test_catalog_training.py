@@ -498,3 +498,12 @@ def test_a_kohya_export_keeps_the_tensor_hash(cat, tmp_path, cli_run):
     assert tensor_bytes_sha256(out) == tensor_bytes_sha256(f)
     with pytest.raises(CatalogError, match="same weights as style"):
         cat.add(out, task="s")
+
+
+def test_hostile_metadata_is_bounded_and_printed_safely(cat, tmp_path, cli_run):
+    meta = {"ss_training_comment": "x" * 5000, "ss_output_name": "evil\x1b[31mred\x07"}
+    save_file(kohya_tensors(), str(tmp_path / "h.safetensors"), metadata=meta)
+    row = cat.add(tmp_path / "h.safetensors", task="t")
+    assert len(row["training"]["comment"]) == 2000 and row["training"]["comment"].endswith("…")
+    out = cli_run("show", "h").stdout
+    assert "\x1b" not in out and "\x07" not in out and "title = evil" in out

@@ -166,7 +166,11 @@ def add(ctx, source, task, name, base_model, tags, meta, description, replace, k
 
 @click.command("list")
 @click.option("--task", help="Only adapters for this task.")
-@click.option("--base-model", help="Only adapters for this base model.")
+@click.option(
+    "--base-model",
+    help="Only adapters for this base model (the catalog's; the one their training metadata "
+    "names: --trained base_model=…).",
+)
 @click.option(
     "--tag", "tags", multiple=True, help="Only adapters with this tag (repeat: all of them)."
 )
