@@ -272,7 +272,28 @@ def resize(
     )
     # The source's PEFT config stays as the template: build_config keeps it when it still
     # describes the modules and otherwise carries its task_type, base model and revision.
-    return Adapter(mods, meta, dict(adapter.origin), dict(adapter.extra_tensors)), report
+    # A lora_bias is scaled by its module's scale (PEFT applies the layer's scaling to
+    # lora_B's bias): a resize that changed that scale would change what the bias adds.
+    for op in adapter.ops.values():
+        if getattr(op, "why", None) == "lora_bias":
+            name = op.target.removesuffix(".bias") + ".weight"
+            if name in mods and not math.isclose(mods[name].scale, op.scale, rel_tol=1e-12):
+                raise ValidationError(
+                    f"its lora_bias is scaled by the module's scale {op.scale:g}, which this "
+                    f"resize would change to {mods[name].scale:g}",
+                    tensor=name,
+                    hint="--common-rank folds differing scales; resize without it keeps them",
+                )
+    # Tensor operations (modules_to_save heads, saved biases and embeddings, trainable tokens)
+    # are not low-rank: they travel unchanged.
+    out = Adapter(
+        mods,
+        meta,
+        dict(adapter.origin),
+        extra_tensors=dict(adapter.extra_tensors),
+        ops=dict(adapter.ops),
+    )
+    return out, report
 
 
 # -- extract -------------------------------------------------------------------------------

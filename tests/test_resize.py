@@ -275,3 +275,39 @@ def test_dora_is_inspected_padded_but_never_truncated():
         new = out.modules[name]
         assert new.rank == 6 and torch.equal(new.magnitude, m.magnitude)
         torch.testing.assert_close(new.delta(), m.delta(), rtol=0, atol=1e-7)
+
+
+def test_resize_carries_modules_to_save_and_task_type(cli_run, tmp_path):
+    # peft's TOKEN_CLS adapter saves its classifier ("score") whole, as modules_to_save.
+    from peft_kinds import make_kind_case
+
+    case = make_kind_case("tokcls", tmp_path)
+    ref = case.peft_model()
+    tokens = torch.tensor([[1, 5, 9, 33, 2, 7]])
+    r = cli_run("resize", case.adapter_dir, "--rank", "6", "--common-rank", "-o", tmp_path / "pad")
+    assert r.exit_code == 0, r.output
+    src = json.loads((case.adapter_dir / "adapter_config.json").read_text())
+    cfg = json.loads((tmp_path / "pad" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "TOKEN_CLS" and cfg["r"] == 6
+    assert cfg["modules_to_save"] == src["modules_to_save"]
+    from peft import PeftModel
+
+    padded = PeftModel.from_pretrained(case.load_base(), tmp_path / "pad").eval()
+    with torch.no_grad():  # zero padding and the head as it was: the very same function
+        torch.testing.assert_close(padded(tokens).logits, ref(tokens).logits, rtol=0, atol=1e-5)
+    src_ad = loratool.load_adapter(case.adapter_dir)
+    out_ad = loratool.load_adapter(tmp_path / "pad")
+    assert set(out_ad.ops) == set(src_ad.ops) and out_ad.ops
+
+
+def test_resize_keeps_lora_bias_meaning_or_refuses(tmp_path):
+    from loratool.adapter import AddToTensor
+
+    ad = adapter_of(40, 30, 4, alpha=8.0)  # scale 2 everywhere
+    odd = ad.modules["layers.1.proj.weight"]
+    ad.modules[odd.name] = LoraModule(odd.name, "linear", odd.A, odd.B, 2.0)  # scale 0.5
+    ad.ops["layers.1.proj.bias"] = AddToTensor("layers.1.proj.bias", torch.ones(40), 0.5)
+    out, _ = T.resize(ad, RankRule("rank", 2))  # each module keeps its own scale: fine
+    assert out.modules[odd.name].scale == pytest.approx(0.5) and "layers.1.proj.bias" in out.ops
+    with pytest.raises(ValidationError, match="lora_bias"):
+        T.resize(ad, RankRule("rank", 6), common_rank=6)  # would fold 0.5 into the common 2
