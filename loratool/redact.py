@@ -85,8 +85,14 @@ def scrub(text: str, secrets: set[str] | None = None) -> str:
     for secret in sorted(known_secrets() if secrets is None else secrets, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, MASK)
-    text = _TOKEN_LIKE.sub("hf_" + MASK, text)
-    return _AUTH.sub(lambda m: m.group(1) + MASK, text)
+    # The regexes only where their anchor words occur: a 4 MB `list --json` is scanned for
+    # "hf_", "authorization" and "bearer" (fast substring searches), not matched char by char.
+    if "hf_" in text:
+        text = _TOKEN_LIKE.sub("hf_" + MASK, text)
+    lowered = text.lower()
+    if "authorization" in lowered or "bearer" in lowered:
+        text = _AUTH.sub(lambda m: m.group(1) + MASK, text)
+    return text
 
 
 def _scrub_value(value: object, secrets: set[str]) -> object:
@@ -101,6 +107,8 @@ def _scrub_value(value: object, secrets: set[str]) -> object:
         return tuple(_scrub_value(v, secrets) for v in value)
     if isinstance(value, list):
         return [_scrub_value(v, secrets) for v in value]
+    if isinstance(value, dict):
+        return {_scrub_value(k, secrets): _scrub_value(v, secrets) for k, v in value.items()}
     return value
 
 

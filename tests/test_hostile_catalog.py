@@ -438,3 +438,59 @@ def test_a_file_size_limit_names_the_file(loratool_home):
     assert str(loratool_home) in line and ("file too large" in line or "ulimit -f" in line), line
     report = untouched_report(loratool_home)
     assert report.ok, [str(p) for p in report.problems]
+
+
+def test_the_sql_row_check_agrees_with_the_python_one(loratool_home):
+    """`list` asks SQLite for damaged rows (BAD_ADAPTER_ROW), everything else checks rows in
+    Python (adapter_row_problems): both must call the same rows damaged."""
+    from loratool.catalog.verify import BAD_ADAPTER_ROW, adapter_row_problems
+
+    with Catalog(loratool_home) as cat:
+        cat.add(PLAIN, task="t", name="good")
+        good = next(cat.db.query("select * from adapters"))
+    # (values SQLite's column affinity turns into valid ones, like "4" in an integer column,
+    # are not damage: they read back valid)
+    bad_values = {
+        "name": [None, "", "a/b", ".", "..", "x" * 201, "é", b"n"],
+        "task": ["", " ", "\t\n", b"t"],  # (task, sha256, created: NOT NULL)
+        "sha256": ["zz", "A" * 64, "g" * 64, "a" * 63, 7],
+        "rank": [None, -1, 1.5, "four", b"\x00"],
+        "modules": [None, -3, 2.5, "x"],
+        "params": [None, -1, "1e999"],
+        "dense_params": [0.5, None],
+        "bytes": ["big", -1],
+        "alpha": [None, "abc", float("inf"), float("-inf"), b"\x01"],
+        "rslora": [None, 2, -1, 0.5, "yes"],
+        "created": [b"\x00"],
+        "base_model": [b"x"],
+        "description": [b"d"],
+        "source": [b"s"],
+        "format": [b"f"],
+        "dtype": [b"f16"],
+    }
+    fine_values = {"task": ["x y", "é", 5], "alpha": [0, -2.5, 1e308, "7"], "base_model": [None, 5],
+                   "rank": [0, "4"], "rslora": [1.0], "name": ["a.b-c_D9", 3]}  # fmt: skip
+    db = sqlite3.connect(loratool_home / "catalog.db")
+    cases = []
+    n = 0
+    for values, expect_bad in ((bad_values, True), (fine_values, False)):
+        for col, vals in values.items():
+            for v in vals:
+                n += 1
+                row = {**good, "name": f"case-{n}", col: v}
+                cols = ", ".join(row)
+                db.execute(
+                    f"insert into adapters ({cols}) values ({', '.join('?' * len(row))})",
+                    list(row.values()),
+                )
+                rowid = db.execute("select max(rowid) from adapters").fetchone()[0]
+                cases.append((rowid, col, v, expect_bad))
+    db.commit()
+    flagged = {r[0] for r in db.execute(f"select rowid from adapters where {BAD_ADAPTER_ROW}")}
+    db.row_factory = sqlite3.Row
+    for rowid, col, v, expect_bad in cases:
+        row = dict(db.execute("select * from adapters where rowid = ?", [rowid]).fetchone())
+        python_bad = bool(adapter_row_problems(row))
+        assert python_bad == expect_bad, (col, v, adapter_row_problems(row))
+        assert (rowid in flagged) == python_bad, (col, v)
+    db.close()

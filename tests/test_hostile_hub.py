@@ -273,3 +273,41 @@ def test_a_stalled_server_is_one_line(hub, cli_run, monkeypatch):
     assert time.monotonic() - started < 30
     with pytest.raises(HubError):
         pull_files("alice/adapter")
+
+
+# -- the scrubbing itself ----------------------------------------------------------------------
+
+
+def test_scrub_exception_masks_the_whole_chain(monkeypatch, tmp_path):
+    from loratool.redact import register_secret, scrub, scrub_exception
+
+    stored = tmp_path / "stored_tokens"
+    stored.write_text(f"[work]\nhf_token = {PLAIN_SECRET}\n[home]\nhf_token = other-secret-99\n")
+    monkeypatch.setenv("HF_STORED_TOKENS_PATH", str(stored))
+    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "none"))
+    monkeypatch.setenv("HF_TOKEN", HF_SHAPED)
+    register_secret("explicit-token-123")
+    try:
+        try:
+            try:
+                raise OSError(13, f"denied {PLAIN_SECRET}", f"/x/{HF_SHAPED}")
+            except OSError as inner:
+                err = ValueError("bad", {"Authorization": "Bearer explicit-token-123"})
+                err.add_note(f"note with other-secret-99 and hf_{'A' * 34}")
+                raise err from inner
+        except ValueError as mid:
+            raise RuntimeError(f"outer {HF_SHAPED}") from mid
+    except RuntimeError as outer:
+        exc = outer
+    scrub_exception(exc)
+    import traceback
+
+    text = "".join(traceback.format_exception(exc))
+    for secret in (HF_SHAPED, PLAIN_SECRET, "explicit-token-123", "other-secret-99", "A" * 34):
+        assert secret not in text
+    assert "Bearer ***" in text and "hf_***" in text
+    # ordinary text is left alone: short hf_ names, the word "token"
+    assert (
+        scrub("tokenizer.json hf_adapter_v1 token store")
+        == "tokenizer.json hf_adapter_v1 token store"
+    )

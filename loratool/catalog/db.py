@@ -64,7 +64,13 @@ from .sqlerrors import (
     error_name,
     oserror_cause,
 )
-from .verify import Problem, VerifyReport, adapter_row_problems, module_row_problems
+from .verify import (
+    BAD_ADAPTER_ROW,
+    Problem,
+    VerifyReport,
+    adapter_row_problems,
+    module_row_problems,
+)
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
@@ -485,11 +491,19 @@ class Catalog:
         if where:
             sql += " where " + " and ".join(where)
         sql += " order by a.task, a.name"
+        # SQLite finds a damaged row far faster than a check of each row in Python
+        bad = self.db.execute(f"select rowid from adapters where {BAD_ADAPTER_ROW} limit 1")
+        bad = bad.fetchone()
+        if bad is not None:
+            row = next(self.db.query("select * from adapters where rowid = ?", [bad[0]]))
+            self._damaged(row.get("name"), adapter_row_problems(row) or ["a column is malformed"])
         out = []
         for row in self.db.query(sql, params):
             tl = row.pop("tag_list")
             row["tags"] = tl.split("\x1f") if tl else []
-            out.append(self._clean_row(row))
+            row["alpha"] = _num(row["alpha"])
+            row["rslora"] = bool(row["rslora"])
+            out.append(row)
         return out
 
     @_translated("cannot read the catalog")

@@ -552,8 +552,10 @@ def export(ctx, name, dest, fmt, base, component, rank, energy, force, json_):
 def verify(ctx, json_):
     """Re-hash every blob and match rows to blobs; exit 1 listing every problem.
 
-    Finds corrupt blobs, rows whose blob is missing, blobs no row refers to, temp files left by
-    dead processes and schema drift. Repairs nothing (the next add or remove does).
+    First undoes what a command killed mid-write left (as every command does; on a home that
+    cannot be written it says that recovery is pending). Then finds damaged database pages,
+    schema drift, malformed rows, corrupt blobs, rows whose blob is missing, blobs no row
+    refers to and temp files of dead processes, and lists them all. Repairs nothing else.
 
     \b
     Example:
