@@ -285,6 +285,10 @@ def test_scrub_exception_masks_the_whole_chain(monkeypatch, tmp_path):
     stored.write_text(f"[work]\nhf_token = {PLAIN_SECRET}\n[home]\nhf_token = other-secret-99\n")
     monkeypatch.setenv("HF_STORED_TOKENS_PATH", str(stored))
     monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "none"))
+    from huggingface_hub import constants  # read once at its import: where it looks now
+
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(stored))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "none"))
     monkeypatch.setenv("HF_TOKEN", HF_SHAPED)
     register_secret("explicit-token-123")
     try:
