@@ -467,9 +467,12 @@ def test_the_sql_row_check_agrees_with_the_python_one(loratool_home):
         "source": [b"s"],
         "format": [b"f"],
         "dtype": [b"f16"],
+        "file_sha256": ["zz", "A" * 64, 5],
+        "tensor_sha256": ["a" * 65, b"x"],
     }
     fine_values = {"task": ["x y", "é", 5], "alpha": [0, -2.5, 1e308, "7"], "base_model": [None, 5],
-                   "rank": [0, "4"], "rslora": [1.0], "name": ["a.b-c_D9", 3]}  # fmt: skip
+                   "rank": [0, "4"], "rslora": [1.0], "name": ["a.b-c_D9", 3],
+                   "file_sha256": [None, "b" * 64]}  # fmt: skip
     db = sqlite3.connect(loratool_home / "catalog.db")
     cases = []
     n = 0

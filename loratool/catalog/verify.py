@@ -119,6 +119,11 @@ BAD_ADAPTER_ROW = " or ".join(
         "typeof(sha256) != 'text'",
         "length(sha256) != 64",
         "sha256 glob '*[^0-9a-f]*'",
+        *(
+            f"({c} is not null and (typeof({c}) != 'text' or length({c}) != 64 "
+            f"or {c} glob '*[^0-9a-f]*'))"
+            for c in ("file_sha256", "tensor_sha256")
+        ),
         *(f"typeof({c}) != 'integer' or {c} < 0" for c in _INT_COLUMNS),
         "typeof(alpha) not in ('integer', 'real')",
         "abs(alpha) > 1.7976931348623157e308",
