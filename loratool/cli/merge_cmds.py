@@ -28,13 +28,26 @@ def _open_inputs(ctx, weighted, sign: float):
 
 
 def _run(
-    ctx, base, specs, out, sign, device, dtype, force, strict, json_, check_base=None, onto=None
+    ctx,
+    base,
+    specs,
+    out,
+    sign,
+    device,
+    dtype,
+    force,
+    strict,
+    json_,
+    check_base=None,
+    original=None,
+    onto=None,
+    keep_originals=False,
 ):
     from ..merge import execute, plan_merge
     from . import render
 
     weighted = [parse_weighted(spec, ctx) for spec in specs]
-    check_out(ctx, out, [base, check_base, onto, *(name for name, _ in weighted)], force)
+    check_out(ctx, out, [base, check_base, onto, original, *(name for name, _ in weighted)], force)
     plan = plan_merge(
         base,
         _open_inputs(ctx, weighted, sign),
@@ -44,6 +57,8 @@ def _run(
         force=force,
         strict=strict,
         onto_dequantized=onto,
+        original=original,
+        keep_originals=keep_originals,
     )
     for w in plan.warnings:
         render.warn(w)
@@ -51,7 +66,9 @@ def _run(
         result = execute(plan, advance)
     if not json_:
         render.echo(
-            f"{result.out}: {result.tensors_changed} tensors changed, {result.tensors_copied} copied, "
+            f"{result.out}: {result.tensors_changed} tensors changed"
+            + _ops_summary(result.tensors)
+            + f", {result.tensors_copied} copied, "
             f"{render.human_size(result.bytes_written)} in {result.seconds:.2f} s "
             f"({result.gbps:.2f} GB/s) on {result.device}"
             + (
@@ -73,6 +90,16 @@ def _run(
     return result
 
 
+def _ops_summary(tensors: list[dict]) -> str:
+    """' (12 delta, 1 replace)': how the changed tensors were made, when not all by ΔW."""
+    from collections import Counter
+
+    counts = Counter(t["op"] for t in tensors)
+    if set(counts) <= {"delta"}:
+        return ""
+    return " (" + ", ".join(f"{n} {op}" for op, n in sorted(counts.items())) + ")"
+
+
 @click.command()
 @click.argument("base", type=click.Path(exists=True))
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[=WEIGHT]...")
@@ -86,7 +113,14 @@ def _run(
     "--strict",
     is_flag=True,
     help="Refuse, rather than warn about, an adapter made for another base or a file of BASE "
-    "that is a link to outside it.",
+    "that is a link to outside it, or an adapter that changes a tied embedding (default: "
+    "write an untied lm_head and say so).",
+)
+@click.option(
+    "--keep-originals",
+    is_flag=True,
+    help="Write the tensors the adapters replace (heads, biases, embeddings) to "
+    "loratool-originals.safetensors beside the merged shards, so that unmerge can restore them.",
 )
 @click.option(
     "--onto-dequantized",
@@ -98,7 +132,7 @@ def _run(
 )
 @json_option
 @click.pass_context
-def merge(ctx, base, adapters, out, device, dtype, force, strict, onto, json_):
+def merge(ctx, base, adapters, out, device, dtype, force, strict, onto, keep_originals, json_):
     """Merge adapters into BASE: W ← W + Σ weight·ΔW, written as a new model at OUT.
 
     BASE is a .safetensors file, a directory with model.safetensors, or a sharded directory
@@ -122,7 +156,20 @@ def merge(ctx, base, adapters, out, device, dtype, force, strict, onto, json_):
       loratool merge ./qwen3-fp8 ./my-adapter -o ./qwen3-fp8-merged      # stays FP8
       loratool merge ./llama ./qlora-adapter --onto-dequantized ./llama-bnb-4bit -o ./merged
     """
-    result = _run(ctx, base, adapters, out, 1.0, device, dtype, force, strict, json_, onto=onto)
+    result = _run(
+        ctx,
+        base,
+        adapters,
+        out,
+        1.0,
+        device,
+        dtype,
+        force,
+        strict,
+        json_,
+        keep_originals=keep_originals,
+        onto=onto,
+    )
     if json_:
         emit_json(result.as_dict())
 
@@ -139,14 +186,25 @@ def merge(ctx, base, adapters, out, device, dtype, force, strict, onto, json_):
     type=click.Path(exists=True),
     help="Original base: report the round-trip error against it.",
 )
+@click.option(
+    "--base",
+    "original",
+    type=click.Path(exists=True),
+    help="The base before the merge: where the tensors an adapter replaced are restored from "
+    "(else the sidecar of merge --keep-originals).",
+)
 @device_option
 @dtype_option
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @json_option
 @click.pass_context
-def unmerge(ctx, merged, adapters, out, check_base, device, dtype, force, json_):
+def unmerge(ctx, merged, adapters, out, check_base, original, device, dtype, force, json_):
     """Take adapters out of MERGED by subtraction: W ← W − Σ weight·ΔW.
 
+    What subtraction cannot undo is undone from what the merge recorded: DoRA's norms and
+    replaced token rows (in MERGED's metadata), replaced tensors (heads, biases, embeddings)
+    from --base ORIGINAL or the sidecar of merge --keep-originals, checked against the
+    sha256 the merge recorded; without them the unmerge is refused, naming the tensors.
     Warns when MERGED's provenance does not record the adapter. With --check BASE, compares
     the result with the original base: max abs error, max error in ulps of the dtype, tensors
     checked and tensors bit-exact. In bfloat16 a merge→unmerge round trip cannot return every
@@ -156,7 +214,20 @@ def unmerge(ctx, merged, adapters, out, check_base, device, dtype, force, json_)
     Example:
       loratool unmerge ./llama-merged my-adapter -o ./llama-restored --check ./llama
     """
-    result = _run(ctx, merged, adapters, out, -1.0, device, dtype, force, False, json_, check_base)
+    result = _run(
+        ctx,
+        merged,
+        adapters,
+        out,
+        -1.0,
+        device,
+        dtype,
+        force,
+        False,
+        json_,
+        check_base,
+        original=original,
+    )
     doc = result.as_dict()
     if check_base:
         from ..merge import compare_bases

@@ -115,6 +115,7 @@ def _fit_alternatives(adapter: Adapter, keys, shapes, facts, source, index) -> A
     for names, members in groups.items():
         found = {n: candidates(n, keys, index) for n in names}
         fitting = []
+        first_error: ValidationError | None = None
         for perm in itertools.permutations(names, len(members)):
             ok = True
             for member, cand in zip(members, perm, strict=True):
@@ -127,12 +128,15 @@ def _fit_alternatives(adapter: Adapter, keys, shapes, facts, source, index) -> A
                         pass
                     else:
                         ok = False
-                except ValidationError:
+                except ValidationError as exc:
+                    first_error = first_error or exc
                     ok = False
                 if not ok:
                     break
             if ok:
                 fitting.append(perm)
+        if not fitting and first_error is not None:
+            raise first_error  # what is wrong with the factors under every pairing
         if len(fitting) != 1:
             what = "none" if not fitting else "several"
             raise ResolutionError(

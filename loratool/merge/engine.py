@@ -20,6 +20,7 @@ Outputs go to a temporary directory beside OUT and are renamed into place only w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -33,6 +34,7 @@ from ..errors import ValidationError
 from ..fsutil import atomic_dir, atomic_file, contained_target, copy_contained
 from .plan import FilePlan, MergePlan, TensorPlan, base_file_roots, pick_device
 from .quant import run_group, summarize
+from .records import RECORDS_KEY, SIDECAR, fill_records
 
 _COPY_CHUNK = 64 << 20
 
@@ -158,8 +160,9 @@ class _Scratch:
         return self.buf[:n].view(rows, cols)
 
 
-def _compute(tp: TensorPlan, raw, out, device: str, scratch: _Scratch) -> None:
+def _compute(tp: TensorPlan, raw, out, device: str, scratch: _Scratch) -> list[dict]:
     """out ← round(steps(W)): W widened to float32 on ``device``, its steps applied, rounded once.
+    Returns the values of the steps' records (``records.py``), in order.
 
     ``raw`` holds W's bytes (empty when no step reads W) and ``out`` receives the result's
     (uint8 tensors on the host). ``out`` may be ``raw`` itself when the output is no larger:
@@ -171,12 +174,12 @@ def _compute(tp: TensorPlan, raw, out, device: str, scratch: _Scratch) -> None:
     from ..tensors.io import torch_dtype
 
     if tp.numel == 0:
-        return
+        return []
     out_dtype = torch_dtype(tp.out_dtype)
     shape = tp.shape
     rows = shape[0] if shape else 1
     w2 = None
-    if tp.reads_input:
+    if tp.steps_read_input:
         w = raw.view(torch_dtype(tp.src.dtype))
         if device != "cpu":
             w = w.to(device, non_blocking=True)
@@ -188,17 +191,30 @@ def _compute(tp: TensorPlan, raw, out, device: str, scratch: _Scratch) -> None:
     )
     wide = "F64" in (tp.src.dtype if tp.src is not None else "", tp.out_dtype)
     work = torch.float64 if wide else torch.float32
+    records = []
+    if tp.keeps_original:  # before ``out`` (which may be ``raw``) is written
+        sha = hashlib.sha256(memoryview(raw.numpy())).hexdigest()
     prepared = [s.prepare(res.device, work) for s in tp.steps]
     whole = not all(s.blockwise for s in tp.steps)
-    if not run_steps(w2, res, prepared, work, scratch, whole=whole):
+    if not run_steps(
+        w2 if tp.steps_read_input else None, res, prepared, work, scratch, whole=whole
+    ):
         raise ValidationError(
             "the merged weight contains NaN or Inf",
             file=tp.src.file if tp.src is not None else None,
             tensor=tp.name,
         )
+    for s, p in zip(tp.steps, prepared, strict=True):
+        if s.record_template() is None:
+            continue
+        rec = p.record() or {}
+        if s.op == "replace":
+            rec = {"sha256": sha}
+        records.append(rec)
     if device != "cpu":
         out.view(out_dtype).view(rows, -1).copy_(res, non_blocking=True)
         torch.cuda.current_stream(device).synchronize()
+    return records
 
 
 def run_steps(w2, res, prepared, work, scratch: _Scratch, *, whole: bool = False) -> bool:
@@ -277,6 +293,8 @@ def execute(
                     (tmp / rel).write_text(json.dumps(doc, indent=2) + "\n")
                 # Checked again as they are copied: a link swapped in since the plan is refused.
                 roots = base_file_roots(plan.base)
+                if plan.keep_originals:
+                    _write_sidecar(plan, tmp / SIDECAR, engine.originals)
                 for p in plan.extra_files:
                     rel = p.relative_to(plan.base.root)
                     (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -357,6 +375,7 @@ class _Engine:
         self.read: queue.Queue = queue.Queue()
         self.wide: queue.Queue = queue.Queue()
         self.quant_reports: list[dict] = []  # one per quantized weight rewritten
+        self.originals: dict[str, tuple] = {}  # name → (TensorInfo, bytes), for --keep-originals
         self._threads: int | None = None
         self._lock = threading.Lock()
 
@@ -454,6 +473,7 @@ def _write_file(fp: FilePlan, dest: Path, fds: dict[Path, int], progress, engine
     written = [0]
     flushed = [0]
     loaded: queue.Queue = queue.Queue()  # (tensor, buffer): as many as the read pool holds
+    recorded: dict[str, list[dict]] = {}  # the values of this file's unmerge records
     merged: queue.Queue = queue.Queue()  # (tensor, result, buffer, its pool)
 
     with open(dest, "wb") as fh:
@@ -492,14 +512,18 @@ def _write_file(fp: FilePlan, dest: Path, fds: dict[Path, int], progress, engine
                 if item is _DONE:
                     return
                 tp, raw, buf = item
+                if tp.keeps_original and engine.plan.keep_originals:
+                    engine.originals[tp.name] = (tp.src, bytes(memoryview(raw.numpy())))
                 if tp.out_nbytes <= tp.in_nbytes:  # merged in place
-                    _compute(tp, raw, buf[: tp.out_nbytes], engine.device, scratch)
+                    recorded[tp.name] = _compute(
+                        tp, raw, buf[: tp.out_nbytes], engine.device, scratch
+                    )
                     _put(merged, (tp, buf[: tp.out_nbytes], buf, engine.read), stop)
                     continue
                 out = _get(engine.wide, stop)
                 if out is _DONE:
                     return
-                _compute(tp, raw, out[: tp.out_nbytes], engine.device, scratch)
+                recorded[tp.name] = _compute(tp, raw, out[: tp.out_nbytes], engine.device, scratch)
                 engine.read.put(buf)
                 _put(merged, (tp, out[: tp.out_nbytes], out, engine.wide), stop)
 
@@ -573,4 +597,45 @@ def _write_file(fp: FilePlan, dest: Path, fds: dict[Path, int], progress, engine
         for w in workers:
             if w.error is not None:
                 raise w.error
+        if any(recorded.values()):
+            _rewrite_header(fp, fd, recorded)
     return fp.size
+
+
+def _rewrite_header(fp: FilePlan, fd: int, recorded: dict[str, list[dict]]) -> None:
+    """The header again, with the records' placeholders filled: the same length, so every
+    offset written stays right."""
+    from ..tensors.io import header_bytes
+
+    meta = dict(fp.metadata)
+    meta[RECORDS_KEY] = fill_records(meta[RECORDS_KEY], recorded)
+    header = header_bytes(list(fp.entries), meta)
+    if len(header) != len(fp.header):
+        raise ValidationError(
+            f"the filled header is {len(header)} bytes, the planned one {len(fp.header)}",
+            file=fp.name,
+        )
+    _pwrite_all(fd, header, 0)
+
+
+def _write_sidecar(plan: MergePlan, dest: Path, originals: dict) -> None:
+    """The replaced tensors' originals, as stored in the base (and those of the base's own
+    sidecar that this merge did not replace again), for unmerge."""
+    from ..tensors.io import header_bytes
+
+    items: dict[str, tuple] = {}
+    if plan.sidecar is not None:
+        for name, info in plan.sidecar.tensors.items():
+            with open(info.file, "rb") as fh:
+                fh.seek(info.start)
+                items[name] = (info, fh.read(info.nbytes))
+    items.update(originals)
+    entries, pos = [], 0
+    for name in sorted(items):
+        info, data = items[name]
+        entries.append((name, info.dtype, info.shape, pos, pos + len(data)))
+        pos += len(data)
+    with open(dest, "wb") as fh:
+        fh.write(header_bytes(entries, {"format": "pt"}))
+        for name in sorted(items):
+            fh.write(items[name][1])

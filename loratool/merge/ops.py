@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..adapter import AddToTensor, Module, ReplaceRows, ReplaceTensor
+from .records import SHA_PLACEHOLDER, b64, b64_placeholder, float32_bytes
 
 
 class Step:
@@ -52,6 +53,11 @@ class Step:
     def describe(self) -> dict:
         return {"op": self.op, "adapter": self.label}
 
+    def record_template(self) -> dict | None:
+        """What an unmerge will need, planned with placeholders of the exact length of the
+        values the engine fills in (``records.py``); None when subtraction is enough."""
+        return None
+
 
 class Prepared:
     """A step made ready on a device. ``acc`` is 2-D, rows of the tensor being made."""
@@ -63,7 +69,7 @@ class Prepared:
         self.apply_block(acc, 0, acc.shape[0])
 
     def record(self) -> dict | None:
-        """After execution: what an unmerge will need (DoRA's norms), or None."""
+        """After execution: the values of the step's record_template, or None."""
         return None
 
 
@@ -131,7 +137,7 @@ class _PreparedDora(Prepared):
             acc.mul_(self.mag / n)
 
     def record(self) -> dict:
-        return {"norms": self.norms.float().cpu()}
+        return {"norms": b64(float32_bytes(self.norms))}
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,11 @@ class DoraStep(Step):
 
     module: Module
     label: str
+    sha: str = ""
+
+    def record_template(self) -> dict:
+        n = self.module.magnitude.numel()
+        return {"op": "dora", "adapter": self.sha, "norms": b64_placeholder(4 * n)}
 
     @property
     def blockwise(self) -> bool:  # type: ignore[override]
@@ -222,6 +233,18 @@ class ReplaceStep(Step):
 
     op_: ReplaceTensor
     label: str
+    sha: str = ""
+    record: bool = False  # a merge records the original's sha256 (an unmerge restores it)
+
+    def record_template(self) -> dict | None:
+        if not self.record:
+            return None
+        return {
+            "op": "replace",
+            "adapter": self.sha,
+            "why": self.op_.why,
+            "sha256": SHA_PLACEHOLDER,
+        }
 
     def out_shape(self, shape):
         return self.op_.out_shape(shape)
@@ -257,12 +280,19 @@ class RestoreStep(Step):
 
 class _PreparedRows(Prepared):
     def __init__(self, idx, values):
+        import torch
+
         self.idx, self.values = idx, values
+        self.original = torch.zeros_like(values)  # the rows replaced, for the record
 
     def apply_block(self, acc, start: int, stop: int) -> None:
         sel = (self.idx >= start) & (self.idx < stop)
         if bool(sel.any()):
+            self.original[sel] = acc[self.idx[sel] - start]
             acc[self.idx[sel] - start] = self.values[sel]
+
+    def record(self) -> dict:
+        return {"rows": b64(float32_bytes(self.original))}
 
 
 @dataclass(frozen=True)
@@ -271,6 +301,14 @@ class RowsStep(Step):
 
     op_: ReplaceRows
     label: str
+    sha: str = ""
+    record: bool = False  # a merge records the rows it replaces (an unmerge puts them back)
+
+    def record_template(self) -> dict | None:
+        if not self.record:
+            return None
+        n = self.op_.values.numel()
+        return {"op": "rows", "adapter": self.sha, "rows": b64_placeholder(4 * n)}
 
     def prepare(self, device, work) -> Prepared:
         import torch

@@ -23,8 +23,26 @@ from ..tensors.header import DTYPE_SIZES, FLOAT_DTYPES, BaseIndex, TensorInfo, r
 from ..tensors.io import header_bytes
 from ..tensors.pipeline import PipelineIndex, component_indexes, extra_candidates, out_name
 from ..weights import check_weight
-from .ops import AddStep, DeltaStep, DoraStep, ReplaceStep, RowsStep, Step
+from .ops import (
+    AddStep,
+    DeltaStep,
+    DoraStep,
+    ReplaceStep,
+    RestoreStep,
+    RowsStep,
+    Step,
+    UndoraStep,
+)
 from .quant import QuantGroup, anchor, group_outputs, plan_groups
+from .records import (
+    ORIGINALS_KEY,
+    RECORDS_KEY,
+    SIDECAR,
+    UnmergeSources,
+    dump_records,
+    float32_from,
+    read_records,
+)
 
 DTYPE_CHOICES = {"same": None, "float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 PROVENANCE_KEY = "loratool.merges"
@@ -70,8 +88,20 @@ class TensorPlan:
         return self.numel * DTYPE_SIZES[self.out_dtype]
 
     @property
-    def reads_input(self) -> bool:
+    def steps_read_input(self) -> bool:
+        """Whether the steps start from W (a replace does not)."""
         return self.src is not None and (not self.steps or self.steps[0].reads_input)
+
+    @property
+    def keeps_original(self) -> bool:
+        """A merge that replaces this tensor records (and may keep) the original."""
+        return self.src is not None and any(
+            isinstance(s, ReplaceStep) and s.record for s in self.steps
+        )
+
+    @property
+    def reads_input(self) -> bool:
+        return self.steps_read_input or self.keeps_original
 
     @property
     def in_nbytes(self) -> int:
@@ -112,6 +142,10 @@ class FilePlan:
     tensors: tuple[TensorPlan, ...]
     # quantized logical weights written through their codec (merge/quant.py)
     groups: tuple[QuantGroup, ...] = ()
+    # what the header was made from: it is made again, the same length, once the records
+    # (records.py) hold their values
+    entries: tuple = ()
+    metadata: dict = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -141,6 +175,8 @@ class MergePlan:
     # keys of config.json to set in the output (vocab_size, tie_word_embeddings…)
     config_updates: dict = field(default_factory=dict)
     force: bool = False  # replace an existing OUT (never an input: see plan_merge)
+    keep_originals: bool = False  # write the replaced tensors' originals to SIDECAR
+    sidecar: BaseIndex | None = None  # the base's own sidecar (its originals are carried over)
     # a pipeline's per-component indexes: (path inside OUT, index JSON)
     indexes: tuple[tuple[str, dict], ...] = ()
     # keys of config.json to drop (quantization_config when every weight is dequantized)
@@ -231,17 +267,22 @@ def merge_history(base: BaseIndex) -> list[dict]:
 # -- steps ---------------------------------------------------------------------------------
 
 
-def module_step(mod: Module, inp: AdapterInput) -> Step:
-    """The step that merges one module at the input's weight."""
+def module_step(mod: Module, inp: AdapterInput, sources: UnmergeSources | None = None) -> Step:
+    """The step that merges (or, at weight −1 with ``sources``, unmerges) one module."""
     if mod.magnitude is not None:
         if inp.weight == 1.0:
-            return DoraStep(mod, inp.label)
+            return DoraStep(mod, inp.label, inp.sha256)
         if inp.weight == -1.0:
-            raise ValidationError(
-                "unmerging a DoRA module needs the norms recorded when it was merged",
-                file=inp.label,
-                tensor=mod.name,
-            )
+            rec = sources.latest(mod.name, inp.sha256, "dora") if sources else None
+            if rec is None:
+                raise _Missing(mod.name, "DoRA: the norms recorded when it was merged")
+            try:
+                norms = float32_from(rec["norms"], mod.magnitude.numel())
+            except (KeyError, ValueError) as exc:
+                raise ValidationError(
+                    f"the recorded DoRA norms are damaged ({exc})", tensor=mod.name
+                ) from None
+            return UndoraStep(mod, norms, inp.label)
         raise ValidationError(
             f"a DoRA module merges at weight 1 only (DoRA re-normalises the weight), not {inp.weight}",
             file=inp.label,
@@ -250,14 +291,24 @@ def module_step(mod: Module, inp: AdapterInput) -> Step:
     return DeltaStep(mod, inp.weight, inp.label)
 
 
-def op_step(op: TensorOp, inp: AdapterInput) -> Step:
-    """The step that applies one full-tensor operation at the input's weight."""
+class _Missing(Exception):
+    """An unmerge needs something it does not have (collected, then one line for all)."""
+
+    def __init__(self, tensor: str, what: str):
+        self.tensor, self.what = tensor, what
+
+
+def op_step(op: TensorOp, inp: AdapterInput, sources: UnmergeSources | None = None) -> Step:
+    """The step that applies one full-tensor operation at the input's weight (at −1 with
+    ``sources``: puts back what it replaced)."""
     if isinstance(op, AddToTensor):
         return AddStep(op, inp.weight, inp.label)
+    if inp.weight == -1.0 and sources is not None:
+        return _undo_step(op, inp, sources)
     if isinstance(op, ReplaceTensor) and op.why == "embedding" and inp.weight > 0:
         # save_embedding_layers: peft loads the saved layer into the base whatever weight the
         # LoRA factors are then given (usually it is the base's own embedding, unchanged)
-        return ReplaceStep(op, inp.label)
+        return ReplaceStep(op, inp.label, inp.sha256, True)
     if inp.weight != 1.0:
         what = "unmerging" if inp.weight == -1.0 else f"weight {inp.weight} for"
         raise ValidationError(
@@ -266,33 +317,93 @@ def op_step(op: TensorOp, inp: AdapterInput) -> Step:
             tensor=op.target,
         )
     if isinstance(op, ReplaceTensor):
-        return ReplaceStep(op, inp.label)
+        return ReplaceStep(op, inp.label, inp.sha256, True)
     if isinstance(op, ReplaceRows):
-        return RowsStep(op, inp.label)
+        return RowsStep(op, inp.label, inp.sha256, True)
     raise ValidationError(
         f"no merge step for operation {op.op!r}", file=inp.label, tensor=op.target
     )
 
 
-def adapter_steps(adapter: Adapter, inp: AdapterInput) -> dict[str, list[Step]]:
+def _undo_step(op: TensorOp, inp: AdapterInput, sources: UnmergeSources) -> Step:
+    if isinstance(op, ReplaceRows):
+        rec = sources.latest(op.target, inp.sha256, "rows")
+        if rec is None:
+            raise _Missing(op.target, "the token rows recorded when it was merged")
+        values = float32_from(rec["rows"], op.values.numel()).reshape(tuple(op.values.shape))
+        return RowsStep(ReplaceRows(op.target, op.indices, values, op.why), inp.label)
+    if isinstance(op, ReplaceTensor):
+        rec = sources.latest(op.target, inp.sha256, "replace")
+        want = rec.get("sha256") if rec else None
+        info = sources.original_of(op.target, want)
+        if info is not None:
+            return RestoreStep(info, inp.label)
+        if want is not None and value_sha256(op.value) == want:
+            # the adapter saved the base's own tensor (save_embedding_layers): it is the original
+            return ReplaceStep(op, inp.label)
+        raise _Missing(op.target, f"the original tensor ({op.why})")
+    raise ValidationError(f"cannot unmerge a {op.op!r}", file=inp.label, tensor=op.target)
+
+
+def value_sha256(t) -> str:
+    import hashlib
+
+    from ..tensors.header import HeaderTensor
+
+    if isinstance(t, HeaderTensor):
+        return hashlib.sha256(t.raw()).hexdigest()
+    t = t.detach().cpu().contiguous()
+    import torch
+
+    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def adapter_steps(
+    adapter: Adapter, inp: AdapterInput, sources: UnmergeSources | None = None
+) -> dict[str, list[Step]]:
     """One (resolved) adapter's steps per tensor; see ``parts_steps``."""
-    return parts_steps(list(adapter.modules.items()), list(adapter.ops.items()), inp)
+    return parts_steps(list(adapter.modules.items()), list(adapter.ops.items()), inp, sources)
 
 
-def parts_steps(modules: list, ops: list, inp: AdapterInput) -> dict[str, list[Step]]:
+def parts_steps(
+    modules: list, ops: list, inp: AdapterInput, sources: UnmergeSources | None = None
+) -> dict[str, list[Step]]:
     """Steps per base tensor for (tensor, module) and (tensor, operation) pairs of one
     adapter, in the order peft applies them: a tensor it saved in full is loaded first (the
     base layer's weight, e.g. an embedding saved beside its LoRA), then the modules' updates,
-    then token rows and bias additions."""
+    then token rows and bias additions. An unmerge (weight −1 with ``sources``) undoes them
+    in the reverse order. What an unmerge lacks is refused in one line naming every tensor."""
     out: dict[str, list[Step]] = {}
-    for target, op in ops:
-        if isinstance(op, ReplaceTensor):
-            out.setdefault(target, []).append(op_step(op, inp))
-    for name, mod in modules:
-        out.setdefault(name, []).append(module_step(mod, inp))
-    for target, op in ops:
-        if not isinstance(op, ReplaceTensor):
-            out.setdefault(target, []).append(op_step(op, inp))
+    missing: list[_Missing] = []
+
+    def add(name, make):
+        try:
+            out.setdefault(name, []).append(make())
+        except _Missing as m:
+            missing.append(m)
+
+    replaces = [(t, o) for t, o in ops if isinstance(o, ReplaceTensor)]
+    others = [(t, o) for t, o in ops if not isinstance(o, ReplaceTensor)]
+    undo = inp.weight < 0 and sources is not None
+    order = (
+        [("op", others), ("mod", modules), ("op", replaces)]
+        if undo
+        else [("op", replaces), ("mod", modules), ("op", others)]
+    )
+    for what, pairs in order:
+        for name, part in pairs:
+            if what == "mod":
+                add(name, lambda part=part: module_step(part, inp, sources))
+            else:
+                add(name, lambda part=part: op_step(part, inp, sources))
+    if missing:
+        names = ", ".join(sorted({m.tensor for m in missing}))
+        whats = "; ".join(sorted({m.what for m in missing}))
+        raise ValidationError(
+            f"cannot unmerge {names} by subtraction and has nothing to restore them from ({whats})",
+            file=inp.label,
+            hint="pass --base ORIGINAL, or merge with --keep-originals next time",
+        )
     return out
 
 
@@ -331,12 +442,18 @@ def plan_merge(
     force: bool = False,
     strict: bool = False,
     onto_dequantized: str | os.PathLike | None = None,
+    original: str | os.PathLike | None = None,
+    keep_originals: bool = False,
 ) -> MergePlan:
     """Validate everything a merge needs and freeze it into a plan; writes nothing.
 
     ``onto_dequantized``: a 4-bit quantization of ``base_path`` (the base a QLoRA adapter was
     trained on); the merge then goes into its dequantized weights, written in the 16-bit base's
     dtype (or ``dtype``), as the QLoRA authors advise.
+
+    An unmerge (negative weights) of what subtraction cannot undo takes the originals from
+    ``original`` (the base before the merge) or from the sidecar a ``keep_originals`` merge
+    wrote; DoRA norms and replaced token rows come from the merged files' records.
     """
     out = Path(out)
     # What the merge reads may never be what it writes, checked before the base is read and
@@ -367,6 +484,19 @@ def plan_merge(
     warnings: list[str] = []
     ident = base_identity(base)
     history = merge_history(base)
+    sources = None
+    if any(i.weight < 0 for i in inputs):
+        sidecar = base.root / SIDECAR if base.root.is_dir() else None
+        sources = UnmergeSources(
+            read_records(base),
+            read_base(original) if original is not None else None,
+            read_base(sidecar) if sidecar is not None and sidecar.is_file() else None,
+        )
+    if keep_originals and base.root.is_file():
+        raise ValidationError(
+            "--keep-originals writes a sidecar beside the merged shards: the base must be a directory",
+            file=base.root,
+        )
     facts = read_facts(base.root)
     tied = tied_embeddings(base, facts)
     virtual = {}
@@ -416,12 +546,13 @@ def plan_merge(
                 f"at weight {net:g}); merging it again adds it twice"
             )
         check_weight(inp.weight, ((n, m.scale) for n, m in parts.modules), label=inp.label)
-        for name, steps in parts_steps(parts.modules, parts.ops, inp).items():
+        for name, steps in parts_steps(parts.modules, parts.ops, inp, sources).items():
             by_tensor.setdefault(name, []).extend(steps)
     for name, steps in by_tensor.items():
         check_steps(name, steps)
     config_updates: dict = {}
     new_tensors: dict[str, tuple[str, TensorInfo]] = {}  # name → (after tensor, its source)
+    untie_records: dict[str, dict] = {}
     if tied is not None:
         lm_name, emb_name = tied
         changed = [n for n in tied if any(s.op != "rows" for s in by_tensor.get(n, ()))]
@@ -434,9 +565,21 @@ def plan_merge(
             if strict:
                 raise ValidationError(msg, hint="--strict refuses to untie; drop it to merge")
             warnings.append(msg)
-            config_updates.update(_untie_config(facts))
+            config_updates.update(_tie_config(facts, False))
             if lm_name not in base.tensors:
                 new_tensors[lm_name] = (emb_name, base.tensors[emb_name])
+                labels = {s.label for n in changed for s in by_tensor[n]}
+                sha = next(i.sha256 for i in inputs if i.label in labels)
+                untie_records[lm_name] = {"op": "untie", "adapter": sha}
+    # an unmerge of the adapter that untied them ties them again
+    dropped: set[str] = set()
+    if sources is not None:
+        unmerged = {i.sha256 for i in inputs if i.weight < 0}
+        for name, recs in sources.records.items():
+            if any(r.get("op") == "untie" and r.get("adapter") in unmerged for r in recs):
+                dropped.add(name)
+        if dropped:
+            config_updates.update(_tie_config(facts, True))
     new_history = history + [
         {"adapter": i.label, "sha256": i.sha256, "weight": i.weight} for i in inputs
     ]
@@ -453,13 +596,14 @@ def plan_merge(
         src_meta = dict(base.file_metadata.get(f, {}))
         src_meta.setdefault("format", "pt")
         src_meta[PROVENANCE_KEY] = json.dumps(new_history, separators=(",", ":"))
+        records = _carried_records(src_meta, {i.sha256 for i in inputs if i.weight < 0})
         src_meta["loratool.version"] = __version__
         src_meta.setdefault("loratool.base_model", base_name(base))
         # keyed as the base names them (a pipeline's ``unet.…``), stored as the file names them
         infos = sorted(
             ((k, t) for k, t in base.tensors.items() if t.file == f), key=lambda kt: kt[1].start
         )
-        items = [(key, info.name, info) for key, info in infos]
+        items = [(key, info.name, info) for key, info in infos if key not in dropped]
         items += [(n, n, src) for n, (_, src) in new_tensors.items() if src.file == f]
         entries, plans, fgroups, pos = [], [], [], 0
         for key, stored, info in items:
@@ -484,12 +628,31 @@ def plan_merge(
             for d in shape:
                 size *= d
             entries.append((stored, out_dtype, shape, pos, pos + size))
+            planned = [t for t in (s.record_template() for s in steps) if t is not None]
+            if key in untie_records:  # no value to fill: before those that have (records.py)
+                planned.insert(0, untie_records[key])
+            if planned:
+                records.setdefault(key, []).extend(planned)
             plans.append(
                 TensorPlan(key, info, out_dtype, pos, steps, shape if shape != info.shape else None)
             )
             pos += size
         name = out.name if base.index_path is None and base.root.is_file() else out_name(base, f)
-        files.append(FilePlan(name, header_bytes(entries, src_meta), tuple(plans), tuple(fgroups)))
+        src_meta.pop(RECORDS_KEY, None)
+        if records:
+            src_meta[RECORDS_KEY] = dump_records(records)
+        if keep_originals:
+            src_meta[ORIGINALS_KEY] = SIDECAR
+        files.append(
+            FilePlan(
+                name,
+                header_bytes(entries, src_meta),
+                tuple(plans),
+                tuple(fgroups),
+                entries=tuple(entries),
+                metadata=src_meta,
+            )
+        )
     config_updates.update(_vocab_update(files, facts, tied))
     index = None
     if base.index_path is not None:
@@ -519,6 +682,8 @@ def plan_merge(
         for p in found:
             if p.name.startswith(".") or not p.is_file() or p.resolve() in skip:
                 continue
+            if keep_originals and p.name == SIDECAR:
+                continue  # written anew, with the originals it holds carried over
             if contained_target(p, base_file_roots(base)) is None:
                 # tokenizer.json → ~/.ssh/id_rsa would put the secret in the output
                 msg = f"{p} is a link to outside the base directory; not copied"
@@ -550,6 +715,8 @@ def plan_merge(
         tuple(warnings),
         config_updates,
         force=force,
+        keep_originals=keep_originals,
+        sidecar=sources.sidecar if sources is not None else _old_sidecar(base),
         indexes=indexes,
         config_drop=config_drop,
         quant=qb,
@@ -599,6 +766,25 @@ def base_file_roots(base: BaseIndex) -> list[Path]:
     return roots
 
 
+def _carried_records(meta: dict, unmerged: set[str]) -> dict:
+    """The records of earlier merges, less those of the adapters this run takes out."""
+    try:
+        old = json.loads(meta.get(RECORDS_KEY, "{}"))
+    except ValueError:
+        old = {}
+    out = {}
+    for name, lst in old.items() if isinstance(old, dict) else ():
+        keep = [r for r in lst if isinstance(r, dict) and r.get("adapter") not in unmerged]
+        if keep:
+            out[name] = keep
+    return out
+
+
+def _old_sidecar(base: BaseIndex) -> BaseIndex | None:
+    p = base.root / SIDECAR if base.root.is_dir() else None
+    return read_base(p) if p is not None and p.is_file() else None
+
+
 def tied_embeddings(base: BaseIndex, facts: BaseFacts) -> tuple[str, str] | None:
     """(lm_head, input embedding) when the model ties them: the config says so, or says
     nothing (transformers 4 defaulted to tying) and the checkpoint holds no lm_head."""
@@ -618,12 +804,12 @@ def tied_embeddings(base: BaseIndex, facts: BaseFacts) -> tuple[str, str] | None
     return None
 
 
-def _untie_config(facts: BaseFacts) -> dict:
+def _tie_config(facts: BaseFacts, tie: bool) -> dict:
     cfg = facts.config
     text = cfg.get("text_config")
     if isinstance(text, dict) and "tie_word_embeddings" in text:
-        return {"tie_word_embeddings": False, "text_config": {**text, "tie_word_embeddings": False}}
-    return {"tie_word_embeddings": False}
+        return {"tie_word_embeddings": tie, "text_config": {**text, "tie_word_embeddings": tie}}
+    return {"tie_word_embeddings": tie}
 
 
 def _vocab_update(files, facts: BaseFacts, tied) -> dict:
