@@ -17,12 +17,17 @@ from __future__ import annotations
 import math
 
 from .adapter import Adapter, LoraModule
-from .errors import ValidationError
 from .rank import RankRule, energy_rank, numerical_rank
 
 
 def needs_conversion(adapter: Adapter) -> bool:
-    return any(not isinstance(m, LoraModule) for m in adapter.modules.values())
+    return any(_lycoris(m) for m in adapter.modules.values())
+
+
+def _lycoris(m) -> bool:
+    """A module that is not one B·A but has a LoRA form (LoHa, LoKr, Tucker LoCon); other
+    kinds (expert-stacked LoRA) are left to the writer, which holds them or refuses them."""
+    return not isinstance(m, LoraModule) and hasattr(m, "truncated")
 
 
 def to_lora(adapter: Adapter, rule: RankRule | None = None) -> tuple[Adapter, dict[str, dict]]:
@@ -33,11 +38,9 @@ def to_lora(adapter: Adapter, rule: RankRule | None = None) -> tuple[Adapter, di
 
     mods, report = {}, {}
     for name, lazy in adapter.modules.items():
-        if isinstance(lazy, LoraModule):
+        if not _lycoris(lazy):
             mods[name] = lazy
             continue
-        if not hasattr(lazy, "truncated"):
-            raise ValidationError(f"a {lazy.label} module has no LoRA form", tensor=name)
         mod = lazy.materialized()
         shape = tuple(mod.base_shape)
         flat = (shape[0], math.prod(shape[1:]))

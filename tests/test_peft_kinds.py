@@ -348,3 +348,22 @@ def test_vlm_language_model_names_resolve_as_transformers_renames_them(
     assert set(got) == {rename_base(k) for k in want}
     for k, v in want.items():
         assert torch.equal(got[rename_base(k)], v), k
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("seqcls_dora", "cannot hold a linear+dora module"),
+        ("moe", "cannot hold a experts×4 module"),
+        ("tokcls", "cannot hold a tensor the adapter replaces (modules_to_save)"),
+        ("tokens", "cannot hold a tensor the adapter replaces rows of (trainable_tokens)"),
+    ],
+)
+def test_formats_that_cannot_hold_a_kind_refuse_it_by_name(
+    kind_cases, name, message, tmp_path, cli_run
+):
+    case = kind_cases[name]
+    r = cli_run("convert", case.adapter_dir, tmp_path / "out.safetensors", "--to", "kohya")
+    assert r.exit_code == 1
+    assert message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "out.safetensors").exists()

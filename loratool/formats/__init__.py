@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from ..adapter import Adapter
-from ..errors import FormatError, NotFoundError
+from ..errors import FormatError, NotFoundError, ValidationError
 from ..fsutil import atomic_dir, atomic_file
 from ..tensors.digest import WeightsIdentity
 from ..tensors.digest import weights_identity as _weights_identity
@@ -112,6 +112,7 @@ def save_adapter(
     anything is written, as ``add`` refuses it."""
     dest = Path(dest)
     adapter.check_finite(dest)
+    refuse_unwritable(adapter, fmt, dest)
     f = get(fmt)
     if f.write is None:
         raise FormatError(f"{fmt} is read-only")
@@ -123,3 +124,47 @@ def save_adapter(
         with atomic_file(dest, force=force) as tmp:
             f.write(adapter, Path(tmp), ctx)
     return dest
+
+
+# What each writable format can hold beyond plain LoRA (everything else is refused by name
+# rather than written half: a DoRA magnitude, a classifier head or an expert stack dropped
+# silently would change the model the adapter stands for).
+_HOLDS = {
+    "loratool": {"dora", "experts", "ops", "slices", "lycoris"},
+    "peft": {"dora", "experts", "ops"},
+    "lycoris": {"lycoris"},
+}
+
+
+def refuse_unwritable(adapter: Adapter, fmt: str, dest: Path) -> None:
+    from ..adapter import ExpertLoraModule, LoraModule
+
+    holds = _HOLDS.get(fmt, set())
+    for m in adapter.modules.values():
+        need = None
+        if isinstance(m, ExpertLoraModule):
+            need = "experts"
+        elif not isinstance(m, LoraModule):
+            need = "lycoris"
+        elif m.magnitude is not None:
+            need = "dora"
+        elif m.target_rows is not None:
+            need = "slices"
+        if need is not None and need not in holds:
+            raise ValidationError(
+                f"the {fmt} format cannot hold a {m.label} module",
+                file=dest,
+                tensor=m.name,
+                hint="export it as peft or loratool",
+            )
+    if adapter.ops and "ops" not in holds:
+        op = next(iter(adapter.ops.values()))
+        verb = {"replace": "replaces", "rows": "replaces rows of", "add": "adds to"}.get(
+            op.op, op.op
+        )
+        raise ValidationError(
+            f"the {fmt} format cannot hold a tensor the adapter {verb} ({op.why})",
+            file=dest,
+            tensor=op.target,
+            hint="export it as peft or loratool",
+        )
