@@ -74,6 +74,8 @@ def read_tensor(info: TensorInfo, fh=None) -> torch.Tensor:
     if own:
         fh = open(info.file, "rb")
     try:
+        if info.pin is not None:
+            info.pin.check(fh, file=info.file, tensor=info.name)
         fh.seek(info.start)
         buf = bytearray(info.nbytes)
         n = fh.readinto(buf)
