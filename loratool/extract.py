@@ -69,7 +69,6 @@ _SEQ2SEQ_TYPES = {
     "switch_transformers",
     "bigbird_pegasus",
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -137,14 +136,16 @@ def base_model_id(base: BaseIndex, given: str | None = None) -> tuple[str, str |
         return name, rev or None, "option"
     root = base.root if base.root.is_dir() else base.root.parent
     root = root.resolve()
-    parts = root.parts
-    for i, part in enumerate(parts[:-2]):
-        if part.startswith("models--") and parts[i + 1] == "snapshots" and "--" in part[8:]:
-            owner, _, name = part[8:].partition("--")
-            return f"{owner}/{name}", parts[i + 2], "hf-cache"
+    from .bases import hub_snapshot
+
+    snap = hub_snapshot(root)
+    if snap is not None:
+        return snap[0], snap[1], "hf-cache"
     declared = _config(root).get("_name_or_path")
     if isinstance(declared, str) and declared:
-        if _HUB_ID.match(declared) and not Path(declared).exists():
+        from .bases import looks_like_hub_id
+
+        if looks_like_hub_id(declared) and not Path(declared).exists():
             return declared, None, "config"
         if Path(declared).is_absolute() and Path(declared).exists():
             return declared, None, "config"

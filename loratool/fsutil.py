@@ -54,6 +54,15 @@ _RENAME_EXCHANGE = 2
 _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM}
 
 
+def hang_for_tests(point: str) -> None:
+    """Stop here forever when ``LORATOOL_TEST_HANG`` names this point: the interruption tests
+    signal the process at a known moment instead of a random one."""
+    if os.environ.get("LORATOOL_TEST_HANG") == point:
+        sys.stderr.write(f"loratool-test-hang {point}\n")
+        sys.stderr.flush()
+        time.sleep(3600)
+
+
 _umask_lock = threading.Lock()
 
 
@@ -436,6 +445,7 @@ def atomic_file(dest: str | os.PathLike, *, force: bool = True) -> Iterator[Path
     try:
         with _locked(tmp_path):
             yield tmp_path
+            hang_for_tests("output-written")
             with open(tmp_path, "rb+") as fh:
                 os.fsync(fh.fileno())
             olds = _put_in_place(tmp_path, dest, force)
@@ -471,6 +481,7 @@ def atomic_dir(dest: str | os.PathLike, *, force: bool = False) -> Iterator[Path
     try:
         with _locked(tmp):
             yield tmp
+            hang_for_tests("output-written")
             for f in tmp.rglob("*"):
                 if f.is_file() and not f.is_symlink():
                     with open(f, "rb") as fh:

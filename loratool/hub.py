@@ -20,9 +20,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from .errors import HubError, LoratoolError, NotFoundError, ValidationError
 from .redact import register_secret, scrub, scrub_exception
 
-# The Hub's rules for a namespace or repo name (huggingface_hub's validate_repo_id, made strict:
-# loratool always wants OWNER/NAME, never a bare canonical name).
-_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?", re.ASCII)
+# One part of a repo id, as validate_repo_id accepts it (to name the part it refused).
+_PART = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?", re.ASCII)
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 _REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]*", re.ASCII)
 _SPEC_HINT = "expected OWNER/NAME or OWNER/NAME@REVISION"
@@ -44,17 +43,24 @@ def parse_repo_spec(spec: str) -> tuple[str, str | None]:
 
 
 def _check_repo_id(repo_id: str, label: str) -> None:
+    """huggingface_hub's own ``validate_repo_id``, plus what loratool always wants: exactly
+    OWNER/NAME (never a bare canonical name)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     parts = repo_id.split("/")
     if len(parts) != 2 or not all(parts):
         raise ValidationError("not a Hub repo id", file=label, hint=_SPEC_HINT)
-    for part in parts:
-        if not _PART.fullmatch(part) or ".." in part or "--" in part or part.endswith(".git"):
-            raise ValidationError(
-                f"'{part}' is not a valid Hub name",
-                file=label,
-                hint="letters, digits, '-', '_' and '.', at most 96, not starting or ending "
-                "with '-' or '.', no '--' or '..'",
-            )
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        bad = next((p for p in parts if not _PART.fullmatch(p)), repo_id)
+        raise ValidationError(
+            f"'{bad}' is not a valid Hub name",
+            file=label,
+            hint="letters, digits, '-', '_' and '.', at most 96, not starting or ending "
+            "with '-' or '.', no '--' or '..', not ending in .git",
+        ) from exc
 
 
 def _check_revision(revision: str, label: str) -> None:
@@ -153,6 +159,7 @@ def pull_files(
     token: str | None = None,
     tqdm_class: type | None = None,
     into: Path | None = None,
+    progress=None,
 ) -> tuple[Path, dict]:
     """Download the adapter files of ``spec`` (``OWNER/NAME`` or ``OWNER/NAME@REV``) through
     the Hugging Face cache, each checked against the hash the Hub advertises for it.
@@ -171,7 +178,8 @@ def pull_files(
     "commit", "files"}``.
 
     Quiet by default; ``tqdm_class`` (a tqdm subclass) is huggingface_hub's progress hook, for a
-    caller that wants to show progress.
+    caller that wants to show progress; or ``progress(nbytes, label, total=None)``, called
+    once with the total size when the files are chosen, then as bytes arrive.
     """
     repo_id, revision = parse_repo_spec(spec)
     revision = revision or "main"
@@ -195,6 +203,9 @@ def pull_files(
                 hint="check HF_ENDPOINT",
             )
         wanted = _choose_files(api, repo_id, commit, patterns, label)
+        if progress is not None:
+            progress(0, None, total=sum(e.size for e in wanted))
+            tqdm_class = tqdm_class or progress_tqdm(progress, label)
         paths = []
         for entry in wanted:
             _check_metadata(api, repo_id, commit, entry, token, label)
@@ -265,6 +276,12 @@ def _choose_files(api, repo_id: str, commit: str, patterns, label: str) -> list:
                 f"no top-level file matches {', '.join(patterns)} at commit {commit[:12]}",
                 file=label,
             )
+    elif (
+        "adapter_config.json" in top
+        and "adapters.safetensors" in top
+        and ("adapter_model.safetensors" not in top)
+    ):
+        chosen = [top["adapter_config.json"], top["adapters.safetensors"]]  # an mlx-lm adapter
     elif "adapter_config.json" in top:
         if "adapter_model.safetensors" not in top:
             raise HubError(
@@ -285,6 +302,7 @@ def _choose_files(api, repo_id: str, commit: str, patterns, label: str) -> list:
                 "adapter_model.safetensors",
             )
         chosen = tensors
+        _check_is_adapter(api, repo_id, commit, chosen[0], label)
     for e in chosen:
         size = getattr(e, "size", None)
         if not isinstance(size, int) or size < 0:
@@ -294,6 +312,23 @@ def _choose_files(api, repo_id: str, commit: str, patterns, label: str) -> list:
                 f"{e.path} is {size} bytes; a config is at most {MAX_CONFIG_BYTES}", file=label
             )
     return chosen
+
+
+def _check_is_adapter(api, repo_id: str, commit: str, entry, label: str) -> None:
+    """Before downloading a repo's one .safetensors file, read its header (an HTTP range
+    request of a few KB) and refuse it unless some adapter format recognises it: a model's
+    weights are not downloaded only to be refused."""
+    from .formats import detect_header
+
+    meta = api.parse_safetensors_file_metadata(repo_id, entry.path, revision=commit)
+    if detect_header(entry.path, meta) is None:
+        raise HubError(
+            f"{entry.path} at commit {commit[:12]} holds no adapter tensors (lora_A/lora_B, "
+            f"lora_down/lora_up, LyCORIS…): it looks like a model's weights, not an adapter; "
+            "nothing was downloaded",
+            file=label,
+            hint="pull takes an adapter repo; a model is a BASE (merge OWNER/NAME ADAPTER -o OUT)",
+        )
 
 
 def _promised(entry, label: str) -> tuple[str, str]:
@@ -395,6 +430,27 @@ class _Null:
 
     def write(self, data) -> None:
         pass
+
+
+def progress_tqdm(callback, label: str | None = None) -> type:
+    """A tqdm class for huggingface_hub's ``tqdm_class`` hooks that draws nothing itself and
+    passes each chunk's size to ``callback(nbytes, label)`` (the caller's own progress bar);
+    with no callback, the quiet one."""
+    if callback is None:
+        return _quiet_tqdm()
+    from huggingface_hub.utils.tqdm import tqdm
+
+    class ProgressTqdm(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+        def update(self, n=1):
+            if n:
+                callback(int(n), label)
+            return super().update(n)
+
+    return ProgressTqdm
 
 
 def _quiet_tqdm() -> type:

@@ -10,7 +10,7 @@ import math
 import os
 from collections.abc import Iterable
 
-from .tensors.header import read_base
+from .tensors.header import BaseIndex, read_base
 
 
 def adapter_figures(row: dict) -> dict:
@@ -27,7 +27,21 @@ def adapter_figures(row: dict) -> dict:
     }
 
 
-def base_figures(path: str | os.PathLike) -> dict:
+def _index(base) -> BaseIndex:
+    """A base given as a path, or as a BaseIndex already read (a Hub base's headers)."""
+    return base if isinstance(base, BaseIndex) else read_base(base)
+
+
+def _label(base) -> str:
+    if isinstance(base, BaseIndex):
+        from .bases import hub_snapshot
+
+        snap = hub_snapshot(base.root)
+        return f"{snap[0]}@{snap[1][:12]}" if snap else str(base.root)
+    return str(base)
+
+
+def base_figures(path: str | os.PathLike | BaseIndex) -> dict:
     """Parameters and tensor bytes of a base, from its headers alone.
 
     A quantized base (``loratool.quant``) counts its parameters as the model holds them (a
@@ -38,10 +52,10 @@ def base_figures(path: str | os.PathLike) -> dict:
 
     from .quant import detect_base, logical_shapes
 
-    base = read_base(path)
+    base = _index(path)
     qb = detect_base(base)
     doc = {
-        "path": str(path),
+        "path": _label(path),
         "params": base.total_params,
         "bytes": base.total_bytes,
         "files": len(base.files),
@@ -127,7 +141,7 @@ def hypothetical_from_base(
     from .quant import detect_base, logical_shapes
     from .savings_config import DTYPE_BYTES, match_targets
 
-    base = read_base(base_path)
+    base = _index(base_path)
     # a quantized base's weights as the model holds them, not their packed storage
     logical = logical_shapes(base, detect_base(base))
     mats = {
@@ -140,7 +154,7 @@ def hypothetical_from_base(
         leaves = sorted({n.rsplit(".", 1)[-1] for n in mats})
         raise ValidationError(
             f"--targets {','.join(targets)} match no 2-D weight; modules here: {', '.join(leaves)}",
-            file=base_path,
+            file=_label(base_path),
         )
     size = DTYPE_BYTES[dtype]
     params = sum(rank * (mats[n].shape[0] + mats[n].shape[1]) for n in hits)

@@ -15,6 +15,7 @@ import fnmatch
 import math
 import statistics
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 
 from .adapter import Adapter, AdapterMeta, LoraModule
@@ -59,10 +60,16 @@ def rank_report_of(mod, threshold: float) -> dict:
     return spectrum_report(mod.svdvals().tolist(), flat, mod.rank, threshold)
 
 
-def inspect(adapter: Adapter, *, threshold: float = 0.99, module_glob: str | None = None) -> dict:
+def inspect(
+    adapter: Adapter,
+    *,
+    threshold: float = 0.99,
+    module_glob: str | None = None,
+    progress: Callable[[int, str | None], None] | None = None,
+) -> dict:
     """inspect-rank's report. Module at a time: a lazily loaded adapter (``lazy=True``) has
     each module's factors read, measured and dropped before the next, so private memory holds
-    one module, whatever the adapter's size."""
+    one module, whatever the adapter's size. ``progress(1, name)`` after each module."""
     from .rank import rank_report
 
     if not 0 < threshold <= 1:
@@ -88,6 +95,8 @@ def inspect(adapter: Adapter, *, threshold: float = 0.99, module_glob: str | Non
         rep["shape"] = list(lazy_mod.base_shape)
         rep["rank"] = lazy_mod.rank
         modules.append(rep)
+        if progress is not None:
+            progress(1, name)
     if not modules:
         raise ValidationError(
             f"no module matches {module_glob!r}"
@@ -323,11 +332,14 @@ def combine(
     density: float = 0.5,
     seed: int = 0,
     max_memory: int | None = None,
+    progress: Callable[[int, str | None], None] | None = None,
 ) -> tuple[Adapter, dict[str, float]]:
     """One adapter from several; each adapter's own scale is applied exactly once.
 
     Returns the adapter and, for re-factored methods, each module's relative error against the
-    combination it stands for (0 for the exact methods).
+    combination it stands for (0 for the exact methods). The result keeps what PEFT needs to
+    load it with ``AutoPeftModel…``: the inputs' base model and their task_type (when they
+    agree). ``progress(1, name)`` after each module.
     """
     import torch
 
@@ -396,8 +408,29 @@ def combine(
             )
         modules[name] = module_from_2d(first, B.float(), A.float(), 1.0, rslora=False)
         errors[name] = float(err)
+        if progress is not None:
+            progress(1, name)
     base_model = next((a.meta.base_model for a, _ in inputs if a.meta.base_model), None)
     meta = AdapterMeta(
         base_model=base_model, format="loratool", source=f"combine --method {method}"
     )
-    return Adapter(modules, meta, {"format": "loratool"}), errors
+    return Adapter(modules, meta, _combined_origin(inputs, base_model)), errors
+
+
+def _combined_origin(inputs: list[tuple[Adapter, float]], base_model: str | None) -> dict:
+    """The origin of a combination: the first input's PEFT config (it is written again only
+    where it still describes the modules; otherwise its task_type, base model and revision are
+    carried into a rebuilt one), with the task_type the inputs agree on, if any."""
+    configs = [a.origin.get("peft_config") for a, _ in inputs]
+    configs = [c for c in configs if isinstance(c, dict)]
+    if not configs:
+        return {"format": "loratool"}
+    config = dict(configs[0])
+    for key in ("modules_to_save", "trainable_token_indices", "target_parameters"):
+        config[key] = None  # a combination holds LoRA modules only
+    config["lora_bias"] = False
+    task_types = {c.get("task_type") for c in configs} - {None}
+    config["task_type"] = task_types.pop() if len(task_types) == 1 else None
+    if base_model:
+        config["base_model_name_or_path"] = base_model
+    return {"format": "loratool", "peft_config": config}

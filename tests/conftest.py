@@ -42,6 +42,8 @@ def cli_run():
 
     def run(*args: str, input: str | None = None):
         runner = CliRunner()
-        return runner.invoke(cli, [str(a) for a in args], input=input, catch_exceptions=False)
+        return runner.invoke(
+            cli, [str(a) for a in args], input=input, catch_exceptions=False, prog_name="loratool"
+        )
 
     return run

@@ -68,7 +68,7 @@ def test_add_list_show_remove(cli_run, tmp_path, loratool_home, wide):
 
     r = cli_run("list")
     assert r.exit_code == 0
-    assert "sum-lora" in r.stdout and "summarize" in r.stdout and "KiB" in r.stdout
+    assert "sum-lora" in r.stdout and "summarize" in r.stdout and "kB" in r.stdout
 
     r = cli_run("list", "--json")
     rows = json.loads(r.stdout)
@@ -101,9 +101,13 @@ def test_add_list_show_remove(cli_run, tmp_path, loratool_home, wide):
 
     info = json.loads(cli_run("show", "sum-lora", "--json").stdout)
     assert info["meta"] == {"lr": "2e-4", "note": "a=b"}
-    assert [m["name"] for m in info["modules"]][0] == "model.layers.0.self_attn.q_proj.weight"
+    # as in list --json, `modules` is the count; the modules themselves are module_details
+    assert info["modules"] == info["module_count"] == 4
+    assert [m["name"] for m in info["module_details"]][
+        0
+    ] == "model.layers.0.self_attn.q_proj.weight"
     assert {"name", "kind", "base_shape", "rank", "alpha", "scale", "params"} <= set(
-        info["modules"][0]
+        info["module_details"][0]
     )
     assert info["remotes"] == []
 
@@ -177,7 +181,7 @@ def test_list_prints_plain_columns_for_long_listings(cli_run, tmp_path, loratool
         "size",
         "created",
     ]
-    assert lines[2].split()[:9] == ["a", "t", "tiny/llama", "4", "8", "4", "1.8K", "7.0", "KiB"]
+    assert lines[2].split()[:9] == ["a", "t", "tiny/llama", "4", "8", "4", "1.8K", "7.2", "kB"]
     assert len(lines) == 2 + RICH_ROWS + 2
 
 

@@ -52,8 +52,12 @@ def test_push_then_pull_round_trip(alice, case, cli_run, tmp_path, monkeypatch):
 
     snap = snapshot_download("alice/tr-lora")
     card = open(f"{snap}/README.md").read()
-    assert card.startswith("---\nlibrary_name: peft\n")
-    assert '"loratool"' in card and '"translate"' in card and "PeftModel.from_pretrained" in card
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(card).data
+    assert data.library_name == "peft"
+    assert {"lora", "loratool", "translate", "v1"} <= set(data.tags)
+    assert "PeftModel.from_pretrained" in card
     assert "French to English" in card and "Effective rank" in card
 
     # pull into a fresh home: identical tensors and metadata

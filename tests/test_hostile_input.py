@@ -177,7 +177,9 @@ def test_rank_and_alpha_patterns_as_peft_applies_them(cli_run, tmp_path):
     )
     r = cli_run("add", src, "--task", "t", "--name", "p")
     assert r.exit_code == 0, r.output
-    mods = {m["name"]: m for m in json.loads(cli_run("show", "p", "--json").stdout)["modules"]}
+    mods = {
+        m["name"]: m for m in json.loads(cli_run("show", "p", "--json").stdout)["module_details"]
+    }
     assert mods["model.layers.0.self_attn.q_proj.weight"]["rank"] == 4
     assert mods["model.layers.0.self_attn.v_proj.weight"]["alpha"] == 6
     assert mods["model.layers.0.self_attn.q_proj.weight"]["alpha"] == 4
@@ -214,19 +216,19 @@ def test_dense_combination_past_the_memory_limit_is_refused(cli_run, tmp_path, m
     out = tmp_path / "out"
     args = ["combine", src, src, "--method", method, "--rank", "1", "-o", out]
     err = one_line(cli_run(*args), "wide.weight", "200000×200000", "--max-memory")
-    assert "TiB" in err
+    assert "TB" in err
     assert not out.exists()
 
 
 def test_the_memory_limit_is_an_option_and_an_env_var(cli_run, tmp_path, monkeypatch):
-    src = _wide_adapter(tmp_path / "narrow", width=64)  # 64×64: 16 KiB per dense buffer
+    src = _wide_adapter(tmp_path / "narrow", width=64)  # 64×64: 16 kB per dense buffer
     args = ["combine", src, src, "--method", "ties", "--rank", "1"]
     one_line(
-        cli_run(*args, "-o", tmp_path / "a", "--max-memory", "64K"), "above the limit of 64.0 KiB"
+        cli_run(*args, "-o", tmp_path / "a", "--max-memory", "64K"), "above the limit of 64.0 kB"
     )
     assert cli_run(*args, "-o", tmp_path / "b", "--max-memory", "1M").exit_code == 0
     monkeypatch.setenv("LORATOOL_MAX_MEMORY", "32K")
-    one_line(cli_run(*args, "-o", tmp_path / "c"), "above the limit of 32.0 KiB")
+    one_line(cli_run(*args, "-o", tmp_path / "c"), "above the limit of 32.0 kB")
 
 
 def test_dense_bytes_counts_what_ties_holds():

@@ -25,15 +25,13 @@ import hashlib
 import os
 import re
 import secrets
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CatalogError
-from ..fsutil import fsync_dir, pid_alive
-from ..tensors.header import FilePin
+from ..fsutil import fsync_dir, hang_for_tests, pid_alive
 
 try:  # POSIX
     import fcntl
@@ -53,15 +51,6 @@ def sha256_file(path: Path) -> str:
         while chunk := fh.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-def hang_for_tests(point: str) -> None:
-    """Stop here forever when ``LORATOOL_TEST_HANG`` names this point: the crash tests kill
-    the process at a known moment instead of a random one."""
-    if os.environ.get("LORATOOL_TEST_HANG") == point:
-        sys.stderr.write(f"loratool-test-hang {point}\n")
-        sys.stderr.flush()
-        time.sleep(3600)
 
 
 def _running(pid: int) -> bool:
@@ -203,59 +192,6 @@ class BlobStore:
                 hint="run `loratool verify`; re-add the adapter to repair it",
             )
         return data
-
-    def pin_verified(self, sha: str, *, label: str | None = None) -> tuple[Path, FilePin]:
-        """Check the blob still hashes to ``sha`` without holding it in memory, and pin it.
-
-        The bytes are hashed in chunks through one open descriptor; the file's stamp (inode,
-        size, mtime) is taken from that descriptor before and after, and must also be what
-        the path names afterwards. Readers of the returned pin (lazy ``HeaderTensor``
-        factors) check it on every open, so they read exactly the bytes that were hashed or
-        refuse: a blob rewritten in place, or replaced, after this check is never used."""
-        p = self.path(sha)
-        try:
-            fh = open(p, "rb")  # noqa: SIM115 - closed below, after the stamps are compared
-        except FileNotFoundError as exc:
-            raise CatalogError(
-                f"blob of adapter {label!r} is missing", file=p, hint="run `loratool verify`"
-            ) from exc
-        with fh:
-            pin = FilePin.of(os.fstat(fh.fileno()))
-            h = hashlib.sha256()
-            buf = bytearray(_CHUNK)
-            view = memoryview(buf)
-            while n := fh.readinto(buf):
-                h.update(view[:n])
-            after = FilePin.of(os.fstat(fh.fileno()))
-        got = h.hexdigest()
-        if got != sha:
-            raise CatalogError(
-                f"blob of adapter {label!r} is corrupt: its sha256 is {got[:12]}…, expected {sha[:12]}…",
-                file=p,
-                hint="run `loratool verify`; re-add the adapter to repair it",
-            )
-        if after != pin:
-            self._changed(p, label)
-        self.check_pin(p, pin, label=label)
-        return p, pin
-
-    def check_pin(self, path: Path, pin: FilePin, *, label: str | None = None) -> None:
-        """Refuse when ``path`` no longer names the pinned file, unchanged (call it after
-        reading anything else from the path, e.g. the header)."""
-        try:
-            now = FilePin.of(path.stat())
-        except FileNotFoundError:
-            now = None
-        if now != pin:
-            self._changed(path, label)
-
-    @staticmethod
-    def _changed(path: Path, label: str | None) -> None:
-        raise CatalogError(
-            f"blob of adapter {label!r} changed while it was being verified",
-            file=path,
-            hint="run the command again; `loratool verify` checks the store",
-        )
 
     # -- temporary files ----------------------------------------------------------------
     @contextlib.contextmanager

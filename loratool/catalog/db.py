@@ -592,20 +592,15 @@ class Catalog:
         ``lazy``: HeaderTensor factors over the (immutable) blob file, as ``load_adapter``.
         """
         row = self.get(name)
+        data = self.blobs.read_verified(row["sha256"], label=name)
+        path = self.blobs.path(row["sha256"])
         if lazy:
-            # Hashed in chunks, not read whole (inspect-rank of a 7B adapter stays near one
-            # module); the factors read only from the file that was hashed (its pin).
             from ..formats.canonical import canonical_from_tensors
             from ..tensors.io import load_file
 
-            path, pin = self.blobs.pin_verified(row["sha256"], label=name)
             tensors, metadata = load_file(path, lazy=True)
-            self.blobs.check_pin(path, pin, label=name)  # the header came from that file too
-            tensors = {n: t.pinned(pin) for n, t in tensors.items()}
             adapter = canonical_from_tensors(tensors, metadata, source=path)
         else:
-            data = self.blobs.read_verified(row["sha256"], label=name)
-            path = self.blobs.path(row["sha256"])
             adapter = adapter_from_blob(data, source=path)
         m = adapter.meta
         m.name, m.task, m.base_model = name, row["task"], row["base_model"]

@@ -158,7 +158,12 @@ class LazyGroup(click.Group):
         except OSError as exc:
             if exc.errno != errno.EPIPE:
                 raise
-            sys.exit(1)  # the reader went away (`| head`): nothing more to say
+            # the reader went away (`| head`): nothing more to say, and nothing more to flush
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass
+            sys.exit(1)
         sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
 
     def invoke(self, ctx):
@@ -174,6 +179,8 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise  # click's own flow: usage errors, --help, ctx.exit
+        except BrokenPipeError:
+            raise  # the reader went away (`| head`): main ends quietly
         except KeyboardInterrupt:
             raise Interrupted() from None
         except Exception as exc:

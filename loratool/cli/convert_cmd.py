@@ -11,11 +11,11 @@ from .catalog_cmds import (
     echo_conversion,
     lycoris_rule,
 )
-from .options import check_out, home_from, json_option
+from .options import AdapterType, check_out, home_from, json_option
 
 
 @click.command()
-@click.argument("src")
+@click.argument("src", type=AdapterType())
 @click.argument("dest", type=click.Path(path_type=str))
 @click.option("--to", "to", type=click.Choice(FORMAT_NAMES), required=True, help=FORMAT_HELP)
 @conversion_options
@@ -37,16 +37,18 @@ def convert(ctx, src, dest, to, base, component, rank, energy, force, json_):
     """
     from ..formats.convert import convert as run
     from ..sources import open_adapter
+    from .render import status
 
     check_out(ctx, dest, [src, base], force)
-    adapter = open_adapter(src, home_from(ctx)).adapter
-    report = run(
-        adapter,
-        dest,
-        to,
-        base=base,
-        component=component,
-        force=force,
-        rule=lycoris_rule(rank, energy),
-    )
+    with status(f"converting {src}"):
+        adapter = open_adapter(src, home_from(ctx)).adapter
+        report = run(
+            adapter,
+            dest,
+            to,
+            base=base,
+            component=component,
+            force=force,
+            rule=lycoris_rule(rank, energy),
+        )
     echo_conversion(report, json_, f"converted {src}")

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import click
 
-from .options import check_out, device_option, emit_json, home_from, json_option, parse_weighted
+from .options import (
+    AdapterType,
+    BaseType,
+    check_out,
+    device_option,
+    emit_json,
+    home_from,
+    json_option,
+    open_base_arg,
+    parse_weighted,
+)
 
 DTYPES = click.Choice(["same", "float16", "bfloat16", "float32"])
 dtype_option = click.option(
@@ -48,10 +58,8 @@ def _run(
 
     weighted = [parse_weighted(spec, ctx) for spec in specs]
     check_out(ctx, out, [base, check_base, onto, original, *(name for name, _ in weighted)], force)
-    plan = plan_merge(
-        base,
-        _open_inputs(ctx, weighted, sign),
-        out,
+    inputs = _open_inputs(ctx, weighted, sign)
+    options = dict(
         dtype=dtype,
         device=device,
         force=force,
@@ -60,23 +68,33 @@ def _run(
         original=original,
         keep_originals=keep_originals,
     )
+    # A Hub base: the whole merge is planned from its headers (every adapter resolved, shapes,
+    # dtypes, free space checked) before its weights are downloaded.
+    source = open_base_arg(
+        ctx, base, need="model", check=lambda index: plan_merge(index, inputs, out, **options)
+    )
+    plan = plan_merge(
+        source.path,
+        inputs,
+        out,
+        only_files=source.files if source.hub else None,
+        **options,
+    )
     for w in plan.warnings:
         render.warn(w)
-    with render.progress_bytes("merging", plan.total_bytes) as advance:
+    verb = "merging" if sign > 0 else "unmerging"
+    with render.progress_bytes(verb, plan.total_bytes) as advance:
         result = execute(plan, advance)
+    if source.hub is not None:
+        result.base_source = {
+            "hub": source.hub.repo_id,
+            "revision": source.hub.revision,
+            "commit": source.hub.commit,
+            "path": str(source.path),
+            "files": list(source.files),
+        }
     if not json_:
-        render.echo(
-            f"{result.out}: {result.tensors_changed} tensors changed"
-            + _ops_summary(result.tensors)
-            + f", {result.tensors_copied} copied, "
-            f"{render.human_size(result.bytes_written)} in {result.seconds:.2f} s "
-            f"({result.gbps:.2f} GB/s) on {result.device}"
-            + (
-                f"; {result.torch_import_seconds:.2f} s of it importing torch, during the copy"
-                if result.torch_import_seconds >= 0.05
-                else ""
-            )
-        )
+        render.echo(summary(result))
         q = result.quantization
         if q and q.get("worst_tensor"):
             kept = q.get("min_delta_kept")
@@ -101,8 +119,14 @@ def _ops_summary(tensors: list[dict]) -> str:
 
 
 @click.command()
-@click.argument("base", type=click.Path(exists=True))
-@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[=WEIGHT]...")
+@click.argument("base", type=BaseType())
+@click.argument(
+    "adapters",
+    nargs=-1,
+    required=True,
+    metavar="ADAPTER[=WEIGHT]...",
+    type=AdapterType(weighted=True),
+)
 @click.option(
     "-o", "--out", required=True, type=click.Path(), help="Where to write the merged model."
 )
@@ -136,7 +160,10 @@ def merge(ctx, base, adapters, out, device, dtype, force, strict, onto, keep_ori
     """Merge adapters into BASE: W ← W + Σ weight·ΔW, written as a new model at OUT.
 
     BASE is a .safetensors file, a directory with model.safetensors, or a sharded directory
-    (its layout and other files are kept). Each ADAPTER is a catalog name or a path, with an
+    (its layout and other files are kept), or a Hub id OWNER/NAME[@REV]: read headers first
+    (the merge is planned and checked before a weight is downloaded), then only its
+    safetensors weights and small model files (config, tokenizer…) are downloaded, through the
+    Hugging Face cache. A path that exists wins over a Hub id. Each ADAPTER is a catalog name or a path, with an
     optional weight; a negative weight subtracts. The merge streams one tensor at a time:
     untouched tensors are copied byte for byte, touched ones are summed in float32 and rounded
     once. Provenance is recorded in the output's safetensors metadata.
@@ -151,6 +178,7 @@ def merge(ctx, base, adapters, out, device, dtype, force, strict, onto, keep_ori
     \b
     Examples:
       loratool merge ./llama ./my-adapter -o ./llama-merged
+      loratool merge meta-llama/Llama-3.2-1B ./my-adapter -o ./llama-merged
       loratool merge ./llama summarize=0.7 translate=0.3 -o ./mixed --dtype bfloat16
       loratool merge ./llama-merged summarize=-1 translate=1 -o ./llama-translate   # swap tasks
       loratool merge ./qwen3-fp8 ./my-adapter -o ./qwen3-fp8-merged      # stays FP8
@@ -175,16 +203,23 @@ def merge(ctx, base, adapters, out, device, dtype, force, strict, onto, keep_ori
 
 
 @click.command()
-@click.argument("merged", type=click.Path(exists=True))
-@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[=WEIGHT]...")
+@click.argument("merged", type=BaseType())
+@click.argument(
+    "adapters",
+    nargs=-1,
+    required=True,
+    metavar="ADAPTER[=WEIGHT]...",
+    type=AdapterType(weighted=True),
+)
 @click.option(
     "-o", "--out", required=True, type=click.Path(), help="Where to write the restored model."
 )
 @click.option(
     "--check",
     "check_base",
-    type=click.Path(exists=True),
-    help="Original base: report the round-trip error against it.",
+    type=BaseType(),
+    metavar="BASE",
+    help="Original base (a path or a Hub id): report the round-trip error against it.",
 )
 @click.option(
     "--base",
@@ -214,6 +249,8 @@ def unmerge(ctx, merged, adapters, out, check_base, original, device, dtype, for
     Example:
       loratool unmerge ./llama-merged my-adapter -o ./llama-restored --check ./llama
     """
+    # the original base first (a Hub id is downloaded now, so the check cannot fail late)
+    reference = open_base_arg(ctx, check_base, need="weights").path if check_base else None
     result = _run(
         ctx,
         merged,
@@ -225,7 +262,7 @@ def unmerge(ctx, merged, adapters, out, check_base, original, device, dtype, for
         force,
         False,
         json_,
-        check_base,
+        reference,
         original=original,
     )
     doc = result.as_dict()
@@ -233,7 +270,8 @@ def unmerge(ctx, merged, adapters, out, check_base, original, device, dtype, for
         from ..merge import compare_bases
         from . import render
 
-        check = compare_bases(out, check_base)
+        with render.progress_bytes("checking", _check_bytes(out, reference)) as advance:
+            check = compare_bases(out, reference, progress=advance)
         doc["check"] = check
         doc.update(
             {
@@ -260,3 +298,26 @@ def unmerge(ctx, merged, adapters, out, check_base, original, device, dtype, for
             )
     if json_:
         emit_json(doc)
+
+
+def summary(result) -> str:
+    """One line: where, what changed, how much was written and how long it took. The speed
+    only when there was enough to write for it to mean something (a tiny model's time is
+    starting Python and torch)."""
+    from .render import human_size, plural
+
+    line = (
+        f"{result.out}: {plural(result.tensors_changed, 'tensor')} changed"
+        + _ops_summary(result.tensors)
+        + f", {result.tensors_copied:,} copied, {human_size(result.bytes_written)} in "
+        f"{result.seconds:.1f} s"
+    )
+    if result.seconds >= 1 and result.bytes_written >= 100_000_000:
+        line += f" ({human_size(result.bytes_written / result.seconds)}/s)"
+    return line + f" on {result.device}"
+
+
+def _check_bytes(out, reference) -> int:
+    from ..tensors.header import read_base
+
+    return read_base(out).total_bytes + read_base(reference).total_bytes

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from .options import (
+    AdapterType,
+    BaseType,
     check_out,
     device_option,
     emit_json,
+    emit_records,
     home_from,
     input_paths,
     json_option,
+    open_base_arg,
+    output_format,
     parse_weighted,
+    table_options,
 )
 
 
@@ -47,7 +55,19 @@ def _check_output_choice(ctx, as_name, out, force, inputs, *, several: bool = Fa
 
 
 def _store(ctx, adapter, *, as_name, out, force, task, source_label, extra_meta=None):
-    """Write the result to the catalog or to a PEFT directory; returns where it went."""
+    """Write the result to the catalog or to a PEFT directory; returns where it went. ``task``
+    was settled before the work began (:func:`_task_for_as`). A base named by a relative path
+    that exists here is written absolute: `AutoPeftModel…` loads the result from anywhere
+    (a Hub id stays as it is)."""
+    base = adapter.meta.base_model
+    if base and not os.path.isabs(base) and os.path.exists(base):
+        adapter.meta.base_model = os.path.abspath(base)
+        config = adapter.origin.get("peft_config")
+        if isinstance(config, dict):
+            adapter.origin["peft_config"] = {
+                **config,
+                "base_model_name_or_path": adapter.meta.base_model,
+            }
     if out is not None:
         from ..formats import save_adapter
 
@@ -55,8 +75,6 @@ def _store(ctx, adapter, *, as_name, out, force, task, source_label, extra_meta=
         return str(out)
     from ..catalog import Catalog
 
-    if not task:
-        raise click.UsageError("--as needs --task (the source has no catalog task to inherit)")
     Catalog(home_from(ctx)).add_adapter(
         adapter,
         name=as_name,
@@ -77,11 +95,37 @@ def _source_task(ctx, spec: str) -> str | None:
     from ..catalog import Catalog
 
     cat = Catalog(home_from(ctx), read_only_ok=True)
-    return cat.get(spec)["task"] if cat.exists(spec) else None
+    try:
+        return cat.get(spec)["task"] if cat.exists(spec) else None
+    finally:
+        cat.close()
+
+
+def _task_for_as(ctx, as_name, task, specs: list[str]) -> str | None:
+    """The catalog task of an --as result, before any work: --task, else the one task the
+    inputs have in the catalog. When there is none, a usage error that says why."""
+    if as_name is None or task:
+        return task
+    from pathlib import Path
+
+    tasks: dict[str, str | None] = {s: _source_task(ctx, s) for s in specs}
+    paths = [s for s in specs if Path(s).exists()]
+    known = sorted({t for t in tasks.values() if t})
+    if paths and len(specs) == 1:
+        why = f"{paths[0]} is a path, not a catalog adapter: it has no task to inherit"
+    elif paths:
+        why = f"{', '.join(paths)} {'is a path' if len(paths) == 1 else 'are paths'}, with no catalog task"
+    elif len(known) > 1:
+        why = f"the inputs have different tasks ({', '.join(known)})"
+    elif len(known) == 1:
+        return known[0]
+    else:
+        why = "the inputs have no catalog task"
+    raise click.UsageError(f"--as needs --task: {why}")
 
 
 @click.command("inspect-rank")
-@click.argument("adapter")
+@click.argument("adapter", type=AdapterType())
 @click.option(
     "--threshold",
     type=float,
@@ -98,10 +142,11 @@ def _source_task(ctx, spec: str) -> str | None:
 @click.option(
     "--plot",
     type=click.Path(dir_okay=False),
-    help="Plot the spectra to FILE.png (needs the plot extra).",
+    help="Draw cumulative energy against rank, per module and layer kind, to FILE.png (or "
+    ".svg, .pdf…; needs the plot extra).",
 )
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")
-@json_option
+@table_options
 @click.pass_context
 def inspect_rank(ctx, adapter, threshold, module_glob, plot, force, json_):
     """The singular values of every scale·B·A and the rank they say the task needs.
@@ -109,16 +154,21 @@ def inspect_rank(ctx, adapter, threshold, module_glob, plot, force, json_):
     Computed from the factors (QR of B and Aᵀ, SVD of the r×r core), never forming the d×k
     product. Per module: numerical rank (σ above float32 noise), energy rank (fewest σ holding
     --threshold of Σσ²), stable rank (‖ΔW‖F²/‖ΔW‖₂²) and entropy effective rank. The summary
-    suggests the rank for `loratool resize` that keeps the threshold in every module.
+    gives the smallest rank that keeps the threshold in every module, and the `loratool
+    resize` that would apply it when it is below the adapter's own rank. --csv, --tsv and
+    --nl print one row per module.
 
     \b
     Examples:
       loratool inspect-rank my-adapter
       loratool inspect-rank ./adapter --module '*q_proj*' --threshold 0.9 --plot spectra.png
+      loratool inspect-rank my-adapter --csv > spectra.csv
     """
     from ..sources import open_adapter
     from ..transform import inspect
+    from . import render
 
+    fmt = output_format(ctx)
     # Lazily: headers now, each module's factors when it is measured (memory ≈ one module).
     if plot:
         from ..plot import check_plot_dest
@@ -126,17 +176,24 @@ def inspect_rank(ctx, adapter, threshold, module_glob, plot, force, json_):
         check_out(ctx, plot, [adapter], force)
         check_plot_dest(plot)
     opened = open_adapter(adapter, home_from(ctx), lazy=True)
-    report = inspect(opened.adapter, threshold=threshold, module_glob=module_glob)
+    with render.progress_count("measuring", len(opened.adapter.modules), "modules") as advance:
+        report = inspect(
+            opened.adapter, threshold=threshold, module_glob=module_glob, progress=advance
+        )
     report["adapter"] = opened.label
     if plot:
         from ..plot import plot_spectra
 
-        plot_spectra(report, plot, force=force)
-    if json_:
+        with render.status(f"drawing {plot}"):
+            plot_spectra(report, plot, force=force)
+    if fmt == "json":
         emit_json(report)
         return
-    from . import render
-
+    if fmt is not None:
+        keys = ["name", "kind", "shape", "rank", "numerical_rank", "energy_rank"]
+        keys += ["stable_rank", "entropy_rank", "singular_values"]
+        emit_records(report["modules"], fmt, keys)
+        return
     rows = []
     for m in report["modules"]:
         rows.append(
@@ -189,13 +246,30 @@ def inspect_rank(ctx, adapter, threshold, module_glob, plot, force, json_):
         ],
         kinds,
     )
-    render.echo(
-        f"{s['modules']} modules; r up to {s['rank']}, numerical rank up to {s['numerical_rank_max']}; "
-        f"{threshold:g} of the energy fits in rank {s['energy_rank_max']} everywhere: "
-        f"`loratool resize {opened.label} --rank {s['suggested_rank']}` keeps it."
-    )
+    render.echo(rank_advice(s, opened.label, threshold))
     if plot:
         render.echo(f"spectra plotted to {plot}")
+
+
+def rank_advice(s: dict, label: str, threshold: float) -> str:
+    """The summary line: what the spectra say, and a resize only when it would shrink the
+    adapter (never `--rank r` for an adapter already at rank r)."""
+    from .render import plural
+
+    line = (
+        f"{plural(s['modules'], 'module')}; r up to {s['rank']}, numerical rank up to "
+        f"{s['numerical_rank_max']}; {threshold:g} of the energy fits in rank "
+        f"{s['energy_rank_max']} everywhere"
+    )
+    suggested = s["suggested_rank"]
+    if suggested < s["rank"]:
+        return line + f": `loratool resize {label} --rank {suggested}` keeps it."
+    if s["energy_rank_median"] < s["rank"]:
+        return line + (
+            f", which is the adapter's own rank; `loratool resize {label} --energy "
+            f"{threshold:g}` shortens each module that needs less."
+        )
+    return line + f": every module uses its full rank {s['rank']}; nothing to shrink."
 
 
 def _rule_options(f):
@@ -267,7 +341,7 @@ def _expand(template: str | None, label: str, several: bool) -> str | None:
 
 
 @click.command()
-@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...", type=AdapterType())
 @_rule_options
 @click.option(
     "--common-rank",
@@ -308,15 +382,17 @@ def resize(ctx, adapters, common_rank, task, as_name, out, force, json_, **rule_
     rule = _rule(rule_opts)
     several = len(adapters) > 1
     _check_output_choice(ctx, as_name, out, force, list(adapters), several=several)
+    tasks = {a: _task_for_as(ctx, as_name, task, [a]) for a in adapters}
     opened = [open_adapter(a, home_from(ctx), lazy=True) for a in adapters]
     R = None
     if common_rank:
         n = sum(len(o.adapter.modules) for o in opened)
-        with render.progress_count("measuring", n) as advance:
+        with render.progress_count("measuring", n, "modules") as advance:
             R = common_rank_for([o.adapter for o in opened], rule, progress=advance)
     docs = []
     for spec, o in zip(adapters, opened, strict=True):
-        with render.progress_count("resizing", len(o.adapter.modules)) as advance:
+        label = f"resizing {o.label}" if several else "resizing"
+        with render.progress_count(label, len(o.adapter.modules), "modules") as advance:
             result, report = do_resize(o.adapter, rule, common_rank=R, progress=advance)
         where = _store(
             ctx,
@@ -324,7 +400,7 @@ def resize(ctx, adapters, common_rank, task, as_name, out, force, json_, **rule_
             as_name=_expand(as_name, o.label, several),
             out=_expand(out, o.label, several),
             force=force,
-            task=task or _source_task(ctx, spec),
+            task=tasks[spec],
             source_label=f"resize {o.label}",
             extra_meta={"resized_from": o.label},
         )
@@ -337,6 +413,7 @@ def resize(ctx, adapters, common_rank, task, as_name, out, force, json_, **rule_
                 "params_before": o.adapter.params,
                 "params_after": result.params,
                 "modules": report,
+                "module_count": len(report),
                 "min_energy_kept": min(m["energy_kept"] for m in report.values()),
             }
         )
@@ -347,17 +424,19 @@ def resize(ctx, adapters, common_rank, task, as_name, out, force, json_, **rule_
         ranks = sorted({m["rank_after"] for m in doc["modules"].values()})
         shown = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
         render.echo(
-            f"{doc['written']}: {len(doc['modules'])} modules at rank {shown}, params "
+            f"{doc['written']}: {render.plural(len(doc['modules']), 'module')} at rank {shown}, params "
             f"{render.human_count(doc['params_before'])} → {render.human_count(doc['params_after'])}, "
             f"energy kept ≥ {doc['min_energy_kept']:.4f} in every module"
         )
 
 
 @click.command()
-@click.argument("base", type=click.Path(exists=True))
-@click.argument("finetuned", type=click.Path(exists=True))
+@click.argument("base", type=BaseType())
+@click.argument("finetuned", type=BaseType())
 @_rule_options
-@click.option("--task", required=True, help="The task the fine-tuned model was trained for.")
+@click.option(
+    "--task", help="The task the fine-tuned model was trained for (the catalog task of --as)."
+)
 @click.option(
     "--exact",
     is_flag=True,
@@ -441,8 +520,11 @@ def extract(
     --sv-fro / --sv-cumulative or mergekit's --sv-epsilon, capped by --max-rank. Each
     module's relative Frobenius error ‖ΔW − B·A‖/‖ΔW‖ is measured and reported.
 
-    The adapter config names the base as --base-model, else the Hub id of a Hugging Face
-    cache snapshot, else config.json's _name_or_path, else the base folder's absolute path;
+    BASE and FINETUNED are model folders or files, or Hub ids OWNER/NAME[@REV] (their
+    safetensors weights are downloaded through the Hugging Face cache; a path that exists
+    wins). The adapter config names the base as --base-model, else its Hub id (given, or of a
+    Hugging Face cache snapshot), else config.json's _name_or_path, else the base folder's
+    absolute path;
     task_type comes from the fine-tuned model's architectures (or --task-type), so
     AutoPeftModelForCausalLM loads the result. Changed 1-D tensors (norms, biases) cannot be
     a LoRA and are listed.
@@ -450,20 +532,27 @@ def extract(
     \b
     Examples:
       loratool extract ./llama ./llama-finetuned --rank 16 --task chat --as chat-r16
-      loratool extract ./base ./ft --sv-fro 0.9 --max-rank 64 --task chat -o ./chat-lora
+      loratool extract ./base ./ft --sv-fro 0.9 --max-rank 64 -o ./chat-lora
+      loratool extract Qwen/Qwen3-0.6B-Base Qwen/Qwen3-0.6B --rank 32 -o ./instruct-lora
     """
     from ..transform import extract as do_extract
     from . import render
 
     rule = _rule(rule_opts)
     _check_output_choice(ctx, as_name, out, force, [base, finetuned])
+    if as_name is not None and not task:
+        raise click.UsageError("--as needs --task: a model has no catalog task to inherit")
     from ..tensors.header import read_base
 
-    n = len(read_base(base).tensors)
-    with render.progress_count("extracting", n) as advance:
+    # Hub ids: the safetensors weights of each (and config.json, for task_type and the
+    # base's name) through the Hugging Face cache
+    base_path = open_base_arg(ctx, base, need="weights").path
+    ft_path = open_base_arg(ctx, finetuned, need="weights").path
+    n = len(read_base(base_path).tensors)
+    with render.progress_count("extracting", n, "tensors") as advance:
         res = do_extract(
-            base,
-            finetuned,
+            base_path,
+            ft_path,
             rule,
             progress=advance,
             exact=exact,
@@ -478,15 +567,16 @@ def extract(
         )
     adapter = res.adapter
     adapter.meta.task = task
-    where = _store(
-        ctx,
-        adapter,
-        as_name=as_name,
-        out=out,
-        force=force,
-        task=task,
-        source_label=f"extract {finetuned}",
-    )
+    with render.status("writing"):
+        where = _store(
+            ctx,
+            adapter,
+            as_name=as_name,
+            out=out,
+            force=force,
+            task=task,
+            source_label=f"extract {finetuned}",
+        )
     errors = [m["relative_error"] for m in res.modules.values()]
     cfg = adapter.origin["peft_config"]
     doc = {
@@ -497,6 +587,7 @@ def extract(
         "device": res.device,
         "seconds": res.seconds,
         "modules": res.modules,
+        "module_count": len(res.modules),
         "full": res.full,
         "mean_relative_error": sum(errors) / len(errors),
         "max_relative_error": max(errors),
@@ -509,7 +600,7 @@ def extract(
     ranks = sorted({m["rank"] for m in res.modules.values()})
     shown = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
     render.echo(
-        f"{where}: {len(errors)} modules at rank {shown}, {render.human_count(adapter.params)} params, "
+        f"{where}: {render.plural(len(errors), 'module')} at rank {shown}, {render.human_count(adapter.params)} params, "
         f"relative error mean {doc['mean_relative_error']:.3g}, max {doc['max_relative_error']:.3g} "
         f"({res.seconds:.1f} s on {res.device}); base {doc['base_model']}"
         + (f"; kept whole (modules_to_save): {', '.join(res.full)}" if res.full else "")
@@ -517,19 +608,26 @@ def extract(
     if res.not_extracted:
         names = ", ".join(x["name"] for x in res.not_extracted[:5])
         render.warn(
-            f"{len(res.not_extracted)} changed tensors cannot be expressed as LoRA and are not in the adapter: {names}"
+            f"{render.plural(len(res.not_extracted), 'changed tensor')} cannot be expressed as LoRA "
+            f"and {'is' if len(res.not_extracted) == 1 else 'are'} not in the adapter: {names}"
         )
 
 
 @click.command()
-@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[=WEIGHT]...")
+@click.argument(
+    "adapters",
+    nargs=-1,
+    required=True,
+    metavar="ADAPTER[=WEIGHT]...",
+    type=AdapterType(weighted=True),
+)
 @click.option(
     "--method",
     type=click.Choice(["linear", "cat", "svd", "ties", "dare"]),
     required=True,
     help="How to combine.",
 )
-@click.option("--rank", type=int, help="Rank of the result (svd, ties, dare).")
+@click.option("--rank", type=int, help="Rank of the result (svd, ties, dare; required there).")
 @click.option(
     "--density",
     type=float,
@@ -570,13 +668,10 @@ def combine(
     from ..transform import combine as do_combine
     from . import render
 
+    _check_method_options(ctx, method)
     weighted = [parse_weighted(spec, ctx) for spec in adapters]
     _check_output_choice(ctx, as_name, out, force, [name for name, _ in weighted])
-    inputs, labels = [], []
-    for name, weight in weighted:
-        opened = open_adapter(name, home_from(ctx))
-        inputs.append((opened.adapter, weight))
-        labels.append(f"{opened.label}={weight:g}")
+    task = _task_for_as(ctx, as_name, task, [name for name, _ in weighted])
     limit = None
     if max_memory is not None:
         from ..units import parse_size
@@ -585,12 +680,22 @@ def combine(
             limit = parse_size(max_memory)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--max-memory") from None
-    result, errors = do_combine(
-        inputs, method, rank=rank, density=density, seed=seed, max_memory=limit
-    )
-    if task is None:
-        tasks = {_source_task(ctx, name) for name, _ in weighted}
-        task = tasks.pop() if len(tasks) == 1 else None
+    inputs, labels = [], []
+    for name, weight in weighted:
+        opened = open_adapter(name, home_from(ctx))
+        inputs.append((opened.adapter, weight))
+        labels.append(f"{opened.label}={weight:g}")
+    names = {n for a, _ in inputs for n in a.modules}
+    with render.progress_count(f"combining ({method})", len(names), "modules") as advance:
+        result, errors = do_combine(
+            inputs,
+            method,
+            rank=rank,
+            density=density,
+            seed=seed,
+            max_memory=limit,
+            progress=advance,
+        )
     where = _store(
         ctx,
         result,
@@ -607,17 +712,44 @@ def combine(
         "inputs": labels,
         "rank": result.max_rank,
         "params": result.params,
-        "modules": len(result.modules),
+        "modules": {
+            n: {"rank": m.rank, "relative_error": errors.get(n, 0.0)}
+            for n, m in result.modules.items()
+        },
+        "module_count": len(result.modules),
         "max_relative_error": max(errors.values(), default=0.0),
     }
     if json_:
         emit_json(doc)
         return
     render.echo(
-        f"{where}: {doc['modules']} modules, rank up to {doc['rank']}, {render.human_count(doc['params'])} params"
+        f"{where}: {render.plural(doc['module_count'], 'module')}, rank up to {doc['rank']}, {render.human_count(doc['params'])} params"
         + (
             f", relative error ≤ {doc['max_relative_error']:.3g}"
             if method in ("svd", "ties", "dare")
             else " (exact)"
         )
     )
+
+
+# Which options each combine method reads; giving one the method ignores is a usage error.
+_METHOD_OPTIONS = {
+    "rank": ("svd", "ties", "dare"),
+    "density": ("ties", "dare"),
+    "seed": ("dare",),
+    "max_memory": ("ties", "dare"),
+}
+
+
+def _check_method_options(ctx: click.Context, method: str) -> None:
+    from click.core import ParameterSource
+
+    for name, methods in _METHOD_OPTIONS.items():
+        given = ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
+        if given and method not in methods:
+            flag = "--" + name.replace("_", "-")
+            raise click.UsageError(
+                f"--method {method} does not use {flag} (only {', '.join(methods)} do{'es' if len(methods) == 1 else ''})"
+            )
+    if method in _METHOD_OPTIONS["rank"] and ctx.params.get("rank") is None:
+        raise click.UsageError(f"--method {method} needs --rank (the rank of the result)")

@@ -18,14 +18,16 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    SpinnerColumn,
     TextColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 from rich.table import Table
 from rich.text import Text
 
-from ..units import human_count, human_size  # noqa: F401  (re-exported for commands)
+from ..units import human_count, human_size, plural  # noqa: F401  (re-exported for commands)
 from .options import sanitize
 
 _console: Console | None = None
@@ -91,62 +93,80 @@ def echo(text: str = "", **kw) -> None:
     )
 
 
-class _QuietBar:
-    def update(self, *a, **k) -> None:
-        pass
+def progress_enabled() -> bool:
+    """Whether bars are drawn: when stderr (where they go) is a terminal, whatever stdout is,
+    so `loratool merge … > log` still shows one. LORATOOL_PROGRESS=0 turns them off, =1 on."""
+    forced = os.environ.get("LORATOOL_PROGRESS", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+    except (AttributeError, ValueError):
+        return False
 
-    def advance(self, n: float) -> None:
-        pass
 
-
-@contextlib.contextmanager
-def progress_bytes(description: str, total: int) -> Iterator:
-    """A byte progress bar with speed on a terminal; nothing when stdout is not a terminal.
-
-    Yields a callable ``advance(nbytes, label=None)``.
-    """
-    if not sys.stdout.isatty():
-        yield lambda n, label=None: None
-        return
-    prog = Progress(
+def _progress(*columns) -> Progress:
+    return Progress(
         TextColumn("{task.description}", markup=False),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
+        *columns,
         console=err_console(),
         transient=True,
     )
+
+
+@contextlib.contextmanager
+def _bar(prog: Progress, description: str, total: int | None) -> Iterator:
     with prog:
         task = prog.add_task(sanitize(description, cell=True), total=total)
 
-        def advance(n: int, label: str | None = None) -> None:
-            prog.update(task, advance=n, description=sanitize(label or description, cell=True))
+        def advance(n: int = 1, label: str | None = None, total: int | None = None) -> None:
+            extra = {"total": total} if total is not None else {}
+            prog.update(
+                task, advance=n, description=sanitize(label or description, cell=True), **extra
+            )
 
         yield advance
 
 
+def _quiet(n: int = 1, label: str | None = None, total: int | None = None) -> None:
+    pass
+
+
 @contextlib.contextmanager
-def progress_count(description: str, total: int) -> Iterator:
-    """Like progress_bytes for a count of items (modules, files)."""
-    if not sys.stdout.isatty():
-        yield lambda n=1, label=None: None
+def progress_bytes(description: str, total: int | None) -> Iterator:
+    """A byte bar with speed and time left, on stderr when it is a terminal (sizes in the
+    decimal units of ``human_size``). Yields ``advance(nbytes, label=None, total=None)``
+    (``total`` sets the size once it is known, for a bar started with None)."""
+    if not progress_enabled():
+        yield _quiet
         return
-    prog = Progress(
-        TextColumn("{task.description}", markup=False),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeRemainingColumn(),
-        console=err_console(),
-        transient=True,
-    )
-    with prog:
-        task = prog.add_task(sanitize(description, cell=True), total=total)
-
-        def advance(n: int = 1, label: str | None = None) -> None:
-            prog.update(task, advance=n, description=sanitize(label or description, cell=True))
-
+    bar = _progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with _bar(bar, description, total) as advance:
         yield advance
+
+
+@contextlib.contextmanager
+def progress_count(description: str, total: int, unit: str = "") -> Iterator:
+    """A bar over a count of items (modules, tensors, blobs). Yields ``advance(n=1, label=None)``."""
+    if not progress_enabled():
+        yield _quiet
+        return
+    shown = f"{{task.completed}}/{{task.total}}{' ' + unit if unit else ''}"
+    bar = _progress(BarColumn(), TextColumn(shown), TimeRemainingColumn())
+    with _bar(bar, description, total) as advance:
+        yield advance
+
+
+@contextlib.contextmanager
+def status(description: str) -> Iterator:
+    """A spinner with the time elapsed, for work whose length is not known in advance (an
+    upload, a conversion). Yields ``update(label)``."""
+    if not progress_enabled():
+        yield lambda label=None: None
+        return
+    bar = _progress(SpinnerColumn(), TimeElapsedColumn())
+    with _bar(bar, description, None) as advance:
+        yield lambda label=None: advance(0, label)
 
 
 def sparkline(values: Sequence[float]) -> str:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import click
 
-from .options import emit_json, home_from, json_option
+from .options import AdapterType, BaseType, emit_json, home_from, json_option
 
 
 @click.command()
-@click.argument("names", nargs=-1, metavar="[NAME]...")
+@click.argument("names", nargs=-1, metavar="[NAME]...", type=AdapterType(catalog_only=True))
 @click.option(
     "--base",
     "base_path",
-    type=click.Path(exists=True),
-    help="The base model: exact params and bytes from its headers.",
+    type=BaseType(),
+    metavar="BASE",
+    help="The base model (a path, or a Hub id OWNER/NAME[@REV] read by range requests, "
+    "nothing downloaded but config.json): exact params and bytes from its headers.",
 )
 @click.option(
     "--config",
@@ -50,11 +52,19 @@ def savings(ctx, names, base_path, config_path, rank, targets, dtype, json_):
     \b
     Examples:
       loratool savings --base ./llama
+      loratool savings --base meta-llama/Llama-3.2-1B       # headers read on the Hub
       loratool savings --config roberta-base/config.json --rank 8 --targets query,value
       loratool savings --base ./llama --rank 16 --targets q_proj,k_proj,v_proj,o_proj --json
     """
     from . import render
 
+    shown_base = base_path
+    if base_path is not None:
+        from ..bases import is_local, read_any
+
+        if not is_local(base_path):  # a Hub id: its headers, by range requests
+            with render.status(f"{base_path}: reading the headers on the Hub"):
+                base_path = read_any(base_path)
     if rank is not None or targets is not None or config_path is not None:
         if rank is None or targets is None or (config_path is None and base_path is None):
             raise click.UsageError(
@@ -93,7 +103,7 @@ def savings(ctx, names, base_path, config_path, rank, targets, dtype, json_):
             ],
         )
         render.echo(
-            f"{doc['modules']} modules; compression {doc['compression']:.1f}×; the adapter is "
+            f"{render.plural(doc['modules'], 'module')}; compression {doc['compression']:.1f}×; the adapter is "
             f"{100 * doc['bytes'] / doc['base_bytes']:.3f}% of the base"
         )
         return
@@ -117,7 +127,7 @@ def savings(ctx, names, base_path, config_path, rank, targets, dtype, json_):
         from ..savings import fits_base
         from ..tensors.header import read_base
 
-        base_index = read_base(base_path)
+        base_index = base_path if not isinstance(base_path, str) else read_base(base_path)
         rows, others = [], []
         for r in cat.list():
             (rows if fits_base(cat.modules(r["name"]), base_index) else others).append(r)
@@ -132,7 +142,7 @@ def savings(ctx, names, base_path, config_path, rank, targets, dtype, json_):
     if not doc["adapters"]:
         if doc.get("other_adapters"):
             render.echo(
-                f"no catalog adapter fits {base_path}; others: {', '.join(doc['other_adapters'])}"
+                f"no catalog adapter fits {shown_base}; others: {', '.join(doc['other_adapters'])}"
             )
         else:
             render.echo("the catalog is empty: `loratool add SOURCE --task T` adds an adapter")

@@ -27,6 +27,7 @@ WRITE_FORMATS = tuple(writable())
 __all__ = [
     "load_adapter",
     "detect_format",
+    "detect_header",
     "save_adapter",
     "resolve",
     "WRITE_FORMATS",
@@ -81,6 +82,34 @@ def weights_identity(path: str | os.PathLike) -> WeightsIdentity:
         target = target / fmt.weights
     start = fmt.data_start(target) if fmt.data_start else None
     return _weights_identity(target, start)
+
+
+def detect_header(name: str, remote) -> str | None:
+    """The format of a single .safetensors file known only by its header (huggingface_hub's
+    ``SafetensorsFileMetadata``, read by range request), or None when no format recognises it.
+    Detection looks at tensor names and metadata only."""
+    from ..tensors.header import SafetensorsHeader, TensorInfo
+
+    tensors = {}
+    for key, info in (getattr(remote, "tensors", None) or {}).items():
+        offsets = list(getattr(info, "data_offsets", None) or (0, 0))
+        shape = tuple(d for d in (getattr(info, "shape", None) or ()) if isinstance(d, int))
+        tensors[key] = TensorInfo(key, str(info.dtype), shape, Path(name), *offsets[:2])
+    metadata = {
+        str(k): v
+        for k, v in (getattr(remote, "metadata", None) or {}).items()
+        if isinstance(v, str)
+    }
+    header = SafetensorsHeader(Path(name), 0, tensors, metadata)
+    for fmt in readable():
+        if fmt.layout != "file" or not fmt.detect:
+            continue
+        try:
+            if fmt.detect(Path(name), header):
+                return fmt.name
+        except Exception:  # a detector that needs the file itself cannot tell from a header
+            continue
+    return None
 
 
 def load_adapter(path: str | os.PathLike, *, lazy: bool = False) -> Adapter:

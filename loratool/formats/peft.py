@@ -544,14 +544,32 @@ def _config_fits(config: dict, adapter: Adapter) -> bool:
     fifo = bool(config.get("fan_in_fan_out", False))
     dora = bool(config.get("use_dora", False))
     paths = adapter.origin.get("peft_paths", {})
+    targets = config.get("target_modules")
     for m in adapter.modules.values():
         p = module_path(m.name)
         if pattern_value(rp, p, r) != m.rank or float(pattern_value(ap, p, alpha)) != m.alpha:
             return False
+        if m.name not in paths and targets is not None and not _targeted(targets, p):
+            return False  # a module the config does not name (combine of other modules)
         if m.rslora != rslora or (m.magnitude is not None) != dora:
             return False
         if m.name not in paths and (m.kind == "linear_fifo") != fifo and m.kind == "linear_fifo":
             return False
+    return True
+
+
+def _targeted(targets, path: str) -> bool:
+    """Whether peft's target_modules matching (``check_target_module_exists``) picks the
+    module at ``path``: a string is a regex matched in full, a list names path suffixes."""
+    if isinstance(targets, str):
+        try:
+            return re.fullmatch(targets, path) is not None
+        except re.error:
+            return False
+    if isinstance(targets, (list, tuple, set)):
+        return path in targets or any(
+            isinstance(t, str) and path.endswith("." + t) for t in targets
+        )
     return True
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 from ..errors import ValidationError
 from ..tensors.header import read_base
@@ -38,8 +39,15 @@ def ulp_distance(a, b):
     return (ordered(a) - ordered(b)).abs()
 
 
-def compare_bases(result_path: str | os.PathLike, reference_path: str | os.PathLike) -> dict:
-    """max abs error, max ulp error, tensors checked and exact, between two bases."""
+def compare_bases(
+    result_path: str | os.PathLike,
+    reference_path: str | os.PathLike,
+    progress: Callable[[int, str | None], None] | None = None,
+) -> dict:
+    """max abs error, max ulp error, tensors checked and exact, between two bases.
+
+    ``progress(nbytes, tensor)`` is called as each pair of tensors is compared (the bytes of
+    both)."""
     import torch
 
     from ..tensors.io import read_tensor
@@ -72,6 +80,8 @@ def compare_bases(result_path: str | os.PathLike, reference_path: str | os.PathL
             )
         a = read_tensor(oinfo)
         b = read_tensor(rinfo)
+        if progress is not None:
+            progress(oinfo.nbytes + rinfo.nbytes, name)
         elements += b.numel()
         if a.dtype == b.dtype and torch.equal(
             a.view(torch.uint8) if a.dtype.is_floating_point else a,

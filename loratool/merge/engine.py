@@ -54,6 +54,8 @@ class MergeResult:
     tensors: list[dict] = field(default_factory=list)
     # a quantized base: its scheme, and the worst error a rewritten weight carries
     quantization: dict | None = None
+    # a base read from the Hub: repo, revision, commit, the cache snapshot and what was fetched
+    base_source: dict | None = None
 
     @property
     def gbps(self) -> float:
@@ -72,6 +74,7 @@ class MergeResult:
             "warnings": self.warnings,
             "tensors": self.tensors,
             **({"quantization": self.quantization} if self.quantization else {}),
+            **({"base_source": self.base_source} if self.base_source else {}),
         }
 
 

