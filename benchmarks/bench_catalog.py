@@ -164,6 +164,7 @@ def main() -> None:
         ("loratool list", ["list"]),
         ("loratool list --task task-07", ["list", "--task", "task-07"]),
         ("loratool list --json", ["list", "--json"]),
+        ("loratool list --csv", ["list", "--csv"]),
         ("loratool list --task task-07 --json", ["list", "--task", "task-07", "--json"]),
         (
             "loratool list --trained base_model=*xl* --trained steps=2000",

@@ -65,6 +65,8 @@ def home(tmp_path):
         (["resize", PLAIN, "--rank", "2", "-o", "{tmp}/r"], "resizing"),
         (["combine", PLAIN, PLAIN, "--method", "cat", "-o", "{tmp}/c"], "combining"),
         (["convert", PLAIN, "{tmp}/k.safetensors", "--to", "kohya"], "converting"),
+        (["add", PLAIN, "--task", "t"], "adding"),
+        (["verify"], "verifying"),
     ],
 )
 def test_a_bar_is_drawn_when_stderr_alone_is_a_terminal(command, bar, home, tmp_path):
@@ -92,6 +94,19 @@ def test_unmerge_check_and_extract_draw_their_bars(home, tmp_path):
     assert rc == 0, tty
     assert "unmerging" in tty and "checking" in tty
     assert "check against" in out
+
+
+def test_push_and_pull_draw_theirs(hub, tmp_path, monkeypatch):
+    """Against the loopback Hub (its fixture set HF_ENDPOINT and HF_HOME for child processes)."""
+    monkeypatch.setenv("HF_TOKEN", hub.alice)
+    env = {"LORATOOL_HOME": str(tmp_path / "home")}
+    rc, out, tty = run_with_tty_stderr(["push", PLAIN, "--repo", "alice/p-lora"], env)
+    assert rc == 0, tty
+    assert "uploading 3 files" in tty and "pushed" in out
+    env = {"LORATOOL_HOME": str(tmp_path / "home2")}
+    rc, out, tty = run_with_tty_stderr(["pull", "alice/p-lora", "--task", "t"], env)
+    assert rc == 0, tty
+    assert "pulling alice/p-lora" in tty and "pulled" in out
 
 
 def test_no_bar_when_stderr_is_not_a_terminal(tmp_path, home):

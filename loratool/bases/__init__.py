@@ -8,7 +8,8 @@
   layers, transposed experts, tied embeddings).
 
 The index of a base's tensors is ``loratool.tensors.header.read_base`` (headers only, byte
-offsets for the merge engine); its quantization scheme is ``loratool.quant.detect_base``.
+offsets for the merge engine; :func:`read_any` for a path or a Hub id); its quantization scheme
+is ``loratool.quant.detect_base`` (:func:`quantization` here).
 """
 
 from .facts import (
@@ -33,6 +34,15 @@ from .source import (
     remote_base,
 )
 
+
+def quantization(base):
+    """The base's quantization scheme and logical weights (``quant.QuantizedBase``), None for
+    an ordinary base; refuses in one line a scheme loratool cannot merge."""
+    from ..quant import detect_base
+
+    return detect_base(base)
+
+
 __all__ = [
     "CONV1D_LAYERS",
     "INPUT_EMBEDDINGS",
@@ -50,6 +60,7 @@ __all__ = [
     "looks_like_hub_id",
     "merge_history",
     "open_base",
+    "quantization",
     "read_any",
     "read_facts",
     "remote_base",

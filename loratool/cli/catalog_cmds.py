@@ -143,19 +143,22 @@ def add(ctx, source, task, name, base_model, tags, meta, description, replace, k
       loratool add ./style-v2.safetensors --task style --replace   # same weights, new metadata
     """
     meta_d = _parse_meta(meta)
+    from .render import status
+
     cat = _catalog(ctx)
     try:
-        row = cat.add(
-            source,
-            task=task,
-            name=name,
-            base_model=base_model,
-            tags=tags,
-            meta=meta_d,
-            description=description,
-            replace=replace,
-            keep_both=keep_both,
-        )
+        with status(f"adding {source}"):
+            row = cat.add(
+                source,
+                task=task,
+                name=name,
+                base_model=base_model,
+                tags=tags,
+                meta=meta_d,
+                description=description,
+                replace=replace,
+                keep_both=keep_both,
+            )
     finally:
         cat.close()
     if json_:
