@@ -56,8 +56,22 @@ def base_config(base: str | os.PathLike) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def resolve_keeping_components(adapter: Adapter, base: str | os.PathLike) -> Adapter:
-    """``resolve`` against ``base``, the component prefix of each module kept in its name."""
+def resolve_keeping_components(
+    adapter: Adapter, base: str | os.PathLike, *, to: str | None = None
+) -> Adapter:
+    """``resolve`` against ``base``, the component prefix of each module kept in its name.
+
+    An image model (a pipeline directory, one component, an original SD / SDXL / Flux BFL
+    single file) is resolved as ``merge`` resolves it (``image.names``): its modules named in
+    diffusers' naming, or for kohya / LyCORIS files (``to``) in the adapter's own naming; any
+    other base by ``formats.resolve``."""
+    from ..image.names import resolve_names
+
+    named = resolve_names(
+        adapter, read_base(base), source=adapter.meta.source, keep_naming=to in KEEP_NAMING
+    )
+    if named is not None:
+        return named
     root = Path(base)
     adapter = Adapter(
         dict(adapter.modules), adapter.meta, dict(adapter.origin), adapter.extra_tensors
@@ -114,7 +128,7 @@ def convert(
     ctx = WriteContext(component=component)
     source_format = adapter.meta.format or adapter.origin.get("format") or "?"
     if base is not None:
-        adapter = resolve_keeping_components(adapter, base)
+        adapter = resolve_keeping_components(adapter, base, to=to)
         ctx.base = None
         ctx.base_config = base_config(base)
     converted = {}
@@ -127,6 +141,10 @@ def convert(
     out = save_adapter(adapter, dest, to, force=force, ctx=ctx)
     return ConvertReport(out, source_format, to, len(adapter.modules), ctx.warnings, converted)
 
+
+# formats whose image-model modules keep the naming the adapter uses (sd-scripts' family:
+# diffusers' names for SD, BFL's for Flux); the others get diffusers' names
+KEEP_NAMING = ("kohya", "lycoris")
 
 # formats that hold LoHa / LoKr / Tucker LoCon modules as they are
 KEEPS_LYCORIS = ("lycoris", "loratool")

@@ -81,6 +81,18 @@ def resolve_parts(
 
 def _resolve_image(adapter, base, layout: Layout, source, strict) -> ResolvedParts:
     out = ResolvedParts()
+    for view_name, members in component_groups(adapter, layout, source, strict, out.warnings):
+        _resolve_group(adapter, members, layout.views[view_name], base, source, out)
+    return out
+
+
+def component_groups(
+    adapter, layout: Layout, source, strict: bool, warnings: list[str], skipped=None
+):
+    """The adapter's modules and operations by the view that holds them: [(view name,
+    {name: (name inside the component, part)})]. Parts of components the base does not hold
+    are skipped with a warning (appended to ``warnings``; ``skipped``, a dict, gets their
+    count by component), or refused with ``strict``."""
     groups: dict[str | None, dict[str, tuple[str, object]]] = {}
     for name, part in [*adapter.modules.items(), *adapter.ops.items()]:
         comp, inner = component_of(name)
@@ -96,7 +108,8 @@ def _resolve_image(adapter, base, layout: Layout, source, strict) -> ResolvedPar
             file=source,
             hint="merge into the pipeline directory or the original checkpoint",
         )
-    skipped: dict[str, int] = {}
+    skipped = {} if skipped is None else skipped
+    found = []
     for comp, members in groups.items():
         view_name = layout.view_name(comp)
         if view_name is None:
@@ -108,8 +121,7 @@ def _resolve_image(adapter, base, layout: Layout, source, strict) -> ResolvedPar
                 )
             skipped[comp] = len(members)
             continue
-        view = layout.views[view_name]
-        _resolve_group(adapter, members, view, base, source, out)
+        found.append((view_name, members))
     for comp, n in sorted(skipped.items()):
         msg = (
             f"{source or 'the adapter'}: {n} modules of {comp} skipped: the base holds "
@@ -117,14 +129,14 @@ def _resolve_image(adapter, base, layout: Layout, source, strict) -> ResolvedPar
         )
         if strict:
             raise ValidationError(msg, hint="drop --strict to merge the rest")
-        out.warnings.append(msg)
-    if not out.modules and not out.ops:
+        warnings.append(msg)
+    if not found:
         raise ResolutionError(
             "no module of the adapter is for this base "
             f"(it holds {', '.join(layout.components)}; the adapter has {', '.join(sorted(map(str, groups)))})",
             file=source,
         )
-    return out
+    return found
 
 
 def _guess_component(layout: Layout, inner: str, source, name: str) -> str | None:
@@ -142,7 +154,9 @@ def _guess_component(layout: Layout, inner: str, source, name: str) -> str | Non
     )
 
 
-def _resolve_group(adapter, members, view, base, source, out: ResolvedParts) -> None:
+def resolve_in_view(adapter, members, view, source) -> Adapter:
+    """One component's modules and operations resolved against its view (names as the view
+    knows them)."""
     mods = {
         inner: part.with_name(inner)
         for name, (inner, part) in members.items()
@@ -153,8 +167,11 @@ def _resolve_group(adapter, members, view, base, source, out: ResolvedParts) -> 
         for name, (inner, part) in members.items()
         if name in adapter.ops
     }
-    sub = Adapter(mods, ops=ops)
-    resolved = resolve(sub, view, source=source)
+    return resolve(Adapter(mods, ops=ops), view, source=source)
+
+
+def _resolve_group(adapter, members, view, base, source, out: ResolvedParts) -> None:
+    resolved = resolve_in_view(adapter, members, view, source)
     for vname, mod in resolved.modules.items():
         target: Target = view[vname]
         for piece in target.pieces:

@@ -62,6 +62,9 @@ class Layout:
     views: dict[str, View]
     # pipeline components that cannot be merged into, and why
     closed: dict[str, str] = field(default_factory=dict)
+    # per view, its names in diffusers' naming (the pipeline's own: what diffusers and PEFT
+    # load); ``convert`` names modules with these. A view missing here: every name is.
+    canonical: dict[str, frozenset[str]] = field(default_factory=dict)
 
     @property
     def components(self) -> list[str]:
@@ -261,27 +264,39 @@ def classify(keys) -> str | None:
 
 def component_view(base: BaseIndex, keys, prefix: str) -> tuple[str | None, View]:
     """(component, view) of one component's keys (their BaseIndex keys start with ``prefix``)."""
+    component, view, _ = _component_view(base, keys, prefix)
+    return component, view
+
+
+def _component_view(base: BaseIndex, keys, prefix: str):
+    """(component, view, its diffusers-named keys)."""
     rel = [k[len(prefix) :] for k in keys]
     kind = classify(rel)
     view = native(base, prefix, keys)
+    own = frozenset(view)
     if kind in ("unet", "unet-ldm"):
         add_unet_aliases(view, kind == "unet-ldm")
-        return "unet", view
+        return "unet", view, _diffusers_keys(view, own, kind == "unet-ldm")
     if kind in ("flux", "flux-bfl"):
         add_flux_aliases(view, kind == "flux-bfl")
-        return "transformer", view
-    return kind, view
+        return "transformer", view, _diffusers_keys(view, own, kind == "flux-bfl")
+    return kind, view, own
+
+
+def _diffusers_keys(view: View, own: frozenset[str], original_names: bool) -> frozenset[str]:
+    """A view's names in diffusers' naming: its own, or the aliases added for a file in the
+    original (ldm / BFL / OpenCLIP) naming."""
+    return frozenset(set(view) - own) if original_names else own
 
 
 def detect(base: BaseIndex) -> Layout | None:
     if isinstance(base, PipelineIndex):
-        views = {}
+        views, canonical = {}, {}
         for c in base.usable:
             keys = [f"{c.name}.{k}" for k in c.index.tensors]
-            _, view = component_view(base, keys, c.name + ".")
-            views[c.name] = view
+            _, views[c.name], canonical[c.name] = _component_view(base, keys, c.name + ".")
         closed = {c.name: c.why for c in base.components if c.index is None}
-        return Layout("pipeline", views, closed)
+        return Layout("pipeline", views, closed, canonical)
     keys = list(base.tensors)
     if any(k.startswith(SD_UNET + "input_blocks.") for k in keys):
         return _sd_family(base, keys)
@@ -291,33 +306,43 @@ def detect(base: BaseIndex) -> Layout | None:
     if bfl is not None:
         prefix = bfl[: bfl.index("double_blocks.0.")]
         view = native(base, prefix)
+        own = frozenset(view)
         add_flux_aliases(view, True)
-        return Layout("flux-bfl", {"transformer": view})
-    component, view = component_view(base, keys, "")
+        return Layout(
+            "flux-bfl",
+            {"transformer": view},
+            canonical={"transformer": _diffusers_keys(view, own, True)},
+        )
+    component, view, own = _component_view(base, keys, "")
     if component is None:
         return None
-    return Layout(component, {component: view})
+    return Layout(component, {component: view}, canonical={component: own})
 
 
 def _sd_family(base: BaseIndex, keys) -> Layout:
     unet = native(base, SD_UNET)
+    own = frozenset(unet)
     add_unet_aliases(unet, True)
     views = {"unet": unet}
+    canonical = {"unet": _diffusers_keys(unet, own, True)}
+
+    def openclip(component: str, prefix: str) -> None:
+        te = native(base, prefix)
+        own = frozenset(te)
+        add_openclip_aliases(te)  # transformers' CLIP names, which diffusers' pipelines use
+        views[component], canonical[component] = te, _diffusers_keys(te, own, True)
+
     if any(k.startswith(SDXL_CLIP) for k in keys) or any(k.startswith(SDXL_OPENCLIP) for k in keys):
         kind = "sdxl"
         if any(k.startswith(SDXL_CLIP) for k in keys):
             views["text_encoder"] = native(base, SDXL_CLIP)
         if any(k.startswith(SDXL_OPENCLIP) for k in keys):
-            te2 = native(base, SDXL_OPENCLIP)
-            add_openclip_aliases(te2)
-            views["text_encoder_2"] = te2
+            openclip("text_encoder_2", SDXL_OPENCLIP)
     elif any(k.startswith(SD2_OPENCLIP) for k in keys):
         kind = "sd2"
-        te = native(base, SD2_OPENCLIP)
-        add_openclip_aliases(te)
-        views["text_encoder"] = te
+        openclip("text_encoder", SD2_OPENCLIP)
     else:
         kind = "sd1"
         if any(k.startswith(SD1_CLIP) for k in keys):
             views["text_encoder"] = native(base, SD1_CLIP)
-    return Layout(kind, views)
+    return Layout(kind, views, canonical=canonical)
