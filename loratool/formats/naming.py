@@ -92,6 +92,7 @@ DIFFUSERS_TRANSFORMER_ROOTS = (
     "pos_embed",
 )
 _CLIP_FLAT = re.compile(r"^encoder\.layers\.\d+\.")
+_T5_PATH = re.compile(r"^(encoder\.)?block\.\d+\.layer\.\d+\.")
 
 # Words of real module paths that contain an underscore (diffusers UNet / Flux / SD3, the
 # original SAI and BFL layouts, CLIP, T5, Llama-like and GPT-2 models). A flattened stem is
@@ -204,12 +205,23 @@ def kohya_path(component: str | None, path: str) -> str:
     return "text_model." + path if is_clip_text_path(component, path) else path
 
 
+def is_t5_path(path: str | None) -> bool:
+    """A T5 encoder's module path (``encoder.block.N.layer.M.…``)."""
+    return bool(path and _T5_PATH.match(path))
+
+
 def kohya_prefix(component: str | None, path: str | None, components: set[str | None]) -> str:
     """The kohya prefix sd-scripts / ComfyUI expect for a module of ``component``, given every
-    component the adapter has (SDXL and Flux/SD3 number their text encoders)."""
+    component the adapter has (SDXL and Flux/SD3 number their text encoders).
+
+    T5 is ``lora_te3_`` wherever a pipeline puts it: sd-scripts' ``lora_flux.py`` and
+    ``lora_sd3.py`` both name it ``LORA_PREFIX_TEXT_ENCODER_T5 = "lora_te3"``, while diffusers'
+    Flux pipeline holds it as ``text_encoder_2`` (SD3's as ``text_encoder_3``)."""
     if component == "text_encoder":
         numbered = {"text_encoder_2", "text_encoder_3", "transformer"} & components
         return "lora_te1_" if numbered else "lora_te_"
+    if component in ("text_encoder_2", "text_encoder_3") and is_t5_path(path):
+        return "lora_te3_"
     if component == "text_encoder_2":
         return "lora_te2_"
     if component == "text_encoder_3":
