@@ -79,4 +79,11 @@ def to_lora(adapter: Adapter, rule: RankRule | None = None) -> tuple[Adapter, di
             "energy_rank_99": energy_rank(S, 0.99),
             "shape_assumed": not getattr(lazy, "shape_known", True),
         }
-    return adapter.replaced(modules=mods), report
+    if not report:
+        return adapter.replaced(modules=mods), report
+    # the header's dim / alpha (a LyCORIS trainer's) describe the new LoRA factors
+    from .formats.training import refreshed_origin
+
+    return adapter.replaced(
+        modules=mods, origin=refreshed_origin(adapter.origin, mods.values())
+    ), report

@@ -295,10 +295,17 @@ def resize(
                 )
     # Tensor operations (modules_to_save heads, saved biases and embeddings, trainable tokens)
     # are not low-rank: they travel unchanged.
+    # A kohya / LyCORIS header's dim and alpha describe the new factors (sd-scripts'
+    # resize_lora rewrites them the same way); its training history stays.
+    origin = dict(adapter.origin)
+    if any(mods[n] is not adapter.modules[n] for n in mods):
+        from .formats.training import refreshed_origin
+
+        origin = refreshed_origin(origin, mods.values())
     out = Adapter(
         mods,
         meta,
-        dict(adapter.origin),
+        origin,
         extra_tensors=dict(adapter.extra_tensors),
         ops=dict(adapter.ops),
     )

@@ -206,15 +206,35 @@ def kohya_parts(adapter: Adapter, ctx: WriteContext | None = None) -> tuple[dict
     return out, meta
 
 
+def stamp_hashes(meta: dict[str, str], body: bytes) -> dict[str, str]:
+    """The metadata's hashes of the tensors made those of ``body`` (the bytes after the
+    header): sd-webui-additional-networks' ``sshs_model_hash`` (sd-scripts'
+    ``precalculate_safetensors_hashes``: sha256 of the bytes after the header) recomputed;
+    ``sshs_legacy_hash`` (bytes at 1 MiB of the whole file, header included) dropped, sd tools
+    recompute it; ``modelspec.hash_sha256`` kept only while it still is the sha256 of these
+    tensor bytes (writers differ on what it hashes; a stale one is never written)."""
+    meta = dict(meta)
+    digest = hashlib.sha256(body).hexdigest()
+    if meta.get("sshs_model_hash") is not None or "ss_network_module" in meta:
+        meta["sshs_model_hash"] = digest
+        meta.pop("sshs_legacy_hash", None)
+    spec = meta.get("modelspec.hash_sha256")
+    if spec is not None and spec.strip().lower().removeprefix("0x") != digest:
+        del meta["modelspec.hash_sha256"]
+    return meta
+
+
 def write_kohya(adapter: Adapter, dest: Path, ctx: WriteContext) -> None:
     tensors, meta = kohya_parts(adapter, ctx)
+    write_stamped(tensors, meta, dest)
+
+
+def write_stamped(tensors: dict, meta: dict[str, str], dest: Path) -> None:
+    """A safetensors file whose metadata's tensor hashes are those of the bytes written."""
     data = serialize(tensors, None)
     n = int.from_bytes(data[:8], "little")
     body = data[8 + n :]
-    if meta.get("sshs_model_hash") is not None or "ss_network_module" in meta:
-        # sd-webui-additional-networks' hash: sha256 of the bytes after the header.
-        meta["sshs_model_hash"] = hashlib.sha256(body).hexdigest()
-        meta.pop("sshs_legacy_hash", None)  # depends on header bytes; sd tools recompute it
+    meta = stamp_hashes(meta, body)
     entries = []
     import json
 

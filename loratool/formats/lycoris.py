@@ -40,6 +40,7 @@ from ..errors import ValidationError
 from ..tensors.header import HeaderTensor
 from ..tensors.io import dtype_tag, torch_dtype
 from .registry import Format, register
+from .training import refresh_network_facts
 
 # key suffixes only LyCORIS writes: a file holding one is read here
 LYCORIS_ONLY = ("hada_", "lokr_", "lora_mid.weight")
@@ -272,7 +273,7 @@ def lycoris_parts(adapter: Adapter) -> tuple[dict, dict]:
             raise ValidationError(f"a {m.label} module has no LyCORIS form", tensor=m.name)
         out[f"{stem}.alpha"] = _alpha_tensor(alpha, tag, shape)
     meta = dict(origin.get("lycoris_metadata") or origin.get("kohya_metadata") or {})
-    return out, meta
+    return out, refresh_network_facts(meta, adapter.modules.values())
 
 
 def _alpha_tensor(value: float, tag: str, shape: list):

@@ -13,6 +13,8 @@ adapter_config.json; GGUF ``general.*`` keys; mlx-lm's adapter_config.json.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -169,6 +171,8 @@ def kohya_metadata(adapter: Adapter) -> dict[str, str]:
     """The ``__metadata__`` of a kohya export: the source's ``ss_*`` / ``modelspec.*`` kept as
     they are; for a source that had none, the ones sd-scripts writes that loratool knows."""
     src = adapter.origin.get("kohya_metadata")
+    if src is None and adapter.origin.get("lycoris_metadata"):
+        src = as_plain_lora(adapter.origin["lycoris_metadata"])  # its modules are LoRA now
     if src is None:
         src = {
             k: v
@@ -177,7 +181,7 @@ def kohya_metadata(adapter: Adapter) -> dict[str, str]:
         }
     meta = dict(src)
     if any(k.startswith("ss_") for k in meta):
-        return meta
+        return refresh_network_facts(meta, adapter.modules.values())
     from collections import Counter
 
     mods = list(adapter.modules.values())
@@ -212,3 +216,172 @@ def kohya_metadata(adapter: Adapter) -> dict[str, str]:
         meta.setdefault("modelspec.tags", ", ".join(adapter.meta.tags))
     meta.setdefault("modelspec.sai_model_spec", "1.0.0")
     return meta
+
+
+# -- the fields that describe the tensors ---------------------------------------------------------
+
+# sd-scripts' network_args that give one rank / alpha per block (lora.py ``block_dims`` …): a
+# file whose ranks or alphas changed no longer has them.
+_BLOCK_DIMS = ("block_dims", "conv_block_dims")
+_BLOCK_ALPHAS = ("block_alphas", "conv_block_alphas")
+# alphas are stored in the file's dtype (sd-scripts saves them in bf16/fp16 too): a stated
+# alpha within half a bf16 step of the tensors' describes them
+_ALPHA_TOL = 2.0**-8
+
+
+def network_facts(modules: Iterable) -> dict[str, set[float]]:
+    """The ranks and kohya alphas (scale·r) of an adapter's modules, as sd-scripts states them:
+    ``dim``/``alpha`` for Linear and 1×1 conv modules (``network_dim``), ``conv_dim``/
+    ``conv_alpha`` for k×k conv ones (``network_args`` ``conv_dim``/``conv_alpha``)."""
+    out: dict[str, set[float]] = {
+        "dim": set(),
+        "alpha": set(),
+        "conv_dim": set(),
+        "conv_alpha": set(),
+    }
+    from ..adapter import LoraModule
+
+    for m in modules:
+        rank = m.rank
+        # a LoRA's kohya alpha carries its whole scale (rsLoRA folded); LyCORIS states its own
+        alpha = m.scale * rank if isinstance(m, LoraModule) else getattr(m, "alpha", None)
+        shape = tuple(getattr(m, "base_shape", ()) or ())
+        conv = len(shape) == 4 and shape[2] * shape[3] > 1
+        out["conv_dim" if conv else "dim"].add(float(rank))
+        if alpha is not None:
+            out["conv_alpha" if conv else "alpha"].add(float(alpha))
+    return out
+
+
+def _stated(value: Any) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None  # "Dynamic", "None": says nothing a number could contradict
+    return v if math.isfinite(v) else None
+
+
+def _refresh(d: dict, key: str, values: set[float], fmt, tol: float, changed: bool) -> bool:
+    """Make ``d[key]`` true of ``values`` if it states a number they contradict: when every
+    module has one value and the stated number is another. ``changed`` (the tensors were
+    remade: a resize): any stated value is rewritten from the tensors, "Dynamic" (sd-scripts'
+    word for per-module ranks) when they differ. Returns whether it changed."""
+    if key not in d or not values:
+        return False
+    stated = _stated(d.get(key))
+    if stated is None and not changed:
+        return False
+    if changed:
+        new = fmt(next(iter(values))) if len(values) == 1 else "Dynamic"
+        if (
+            stated is not None
+            and len(values) == 1
+            and math.isclose(stated, next(iter(values)), rel_tol=tol)
+        ):
+            return False
+        if d[key] == new:
+            return False
+        d[key] = new
+        return True
+
+    def same(v: float) -> bool:
+        return math.isclose(stated, v, rel_tol=tol, abs_tol=0.0)
+
+    if len(values) == 1:
+        (v,) = values
+        if same(v):
+            return False
+        d[key] = fmt(v)
+        return True
+    # Modules that differ may be a block-wise file (block_dims / block_alphas), whose stated
+    # number is the default, not any module's: nothing says it is wrong.
+    return False
+
+
+def _dim(v: float) -> str:
+    return str(int(v))
+
+
+def _alpha(v: float) -> str:
+    return str(float(v))  # as sd-scripts writes a float alpha: "8.0"
+
+
+def refresh_network_facts(
+    meta: dict[str, str], modules: Iterable, *, changed: bool = False
+) -> dict[str, str]:
+    """``meta`` (a source's ``ss_*`` keys) with the fields that describe the tensors made true
+    of ``modules``: ``ss_network_dim``, ``ss_network_alpha`` and, in ``ss_network_args``,
+    ``conv_dim``/``conv_alpha`` (one value, or "Dynamic" as sd-scripts' resize_lora writes for
+    per-module ranks) and the per-block dims/alphas, dropped once they no longer hold. A field
+    the tensors do not contradict is left byte for byte, so an unchanged adapter exports its
+    metadata unchanged; the training history (steps, dataset, trigger words, …) is never
+    touched.
+    ``changed``: the tensors were remade (``resize``), so per-module ranks are "Dynamic" even
+    where the stated number is one of them. Hashes of the tensors are the writer's
+    (``kohya.stamp_hashes``)."""
+    facts = network_facts(modules)
+    out = dict(meta)
+    dims = _refresh(out, "ss_network_dim", facts["dim"], _dim, 0.0, changed)
+    alphas = _refresh(out, "ss_network_alpha", facts["alpha"], _alpha, _ALPHA_TOL, changed)
+    raw = out.get("ss_network_args")
+    try:
+        args = json.loads(raw) if raw else None
+    except (ValueError, RecursionError):
+        args = None
+    if isinstance(args, dict):
+        before = dict(args)
+        dims |= _refresh(args, "conv_dim", facts["conv_dim"], _dim, 0.0, changed)
+        alphas |= _refresh(args, "conv_alpha", facts["conv_alpha"], _alpha, _ALPHA_TOL, changed)
+        for key in (_BLOCK_DIMS if dims else ()) + (_BLOCK_ALPHAS if alphas else ()):
+            args.pop(key, None)
+        if args != before:
+            out["ss_network_args"] = json.dumps(args)
+    return out
+
+
+def refreshed_origin(origin: dict[str, Any], modules: Iterable) -> dict[str, Any]:
+    """``origin`` of an adapter whose tensors were remade, its kohya / LyCORIS header
+    metadata describing ``modules`` (``refresh_network_facts`` with ``changed``)."""
+    modules = list(modules)
+    out = dict(origin)
+    for key in ("kohya_metadata", "lycoris_metadata"):
+        if isinstance(out.get(key), dict):
+            meta = refresh_network_facts(out[key], modules, changed=True)
+            for stale in _TENSOR_HASHES:  # of the old tensors; writers hash what they write
+                meta.pop(stale, None)
+            out[key] = meta
+    return out
+
+
+_TENSOR_HASHES = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
+
+
+# LyCORIS network_args that say which algorithm and factorisation its modules use
+# (lycoris/kohya create_network: algo, use_cp / use_conv_cp / disable_conv_cp, factor,
+# decompose_both, block_size, and newer presets and variants): a file of plain LoRA no
+# longer has them.
+_LYCORIS_ARGS = (
+    "algo", "preset", "use_tucker", "use_cp", "use_conv_cp", "disable_conv_cp", "use_scalar",
+    "factor", "decompose_both", "block_size", "full_matrix", "unbalanced_factorization",
+    "dora_wd", "weight_decompose", "wd_on_output", "bypass_mode", "rescaled", "constraint",
+    "train_norm",
+)  # fmt: skip
+
+
+def as_plain_lora(meta: dict[str, str]) -> dict[str, str]:
+    """A LyCORIS trainer's ``ss_*`` metadata for a file of plain LoRA modules (``convert`` of
+    LoHa / LoKr to kohya): ``ss_network_module`` sd-scripts' ``networks.lora``, LyCORIS'
+    algorithm arguments dropped, everything else kept."""
+    out = dict(meta)
+    if not str(out.get("ss_network_module", "")).startswith("lycoris"):
+        return out
+    out["ss_network_module"] = "networks.lora"
+    try:
+        args = json.loads(out["ss_network_args"]) if out.get("ss_network_args") else None
+    except (ValueError, RecursionError):
+        args = None
+    if isinstance(args, dict):
+        out["ss_network_args"] = json.dumps(
+            {k: v for k, v in args.items() if k not in _LYCORIS_ARGS}
+        )
+    return out
