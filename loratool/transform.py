@@ -66,22 +66,43 @@ def inspect(
     threshold: float = 0.99,
     module_glob: str | None = None,
     progress: Callable[[int, str | None], None] | None = None,
+    base=None,
 ) -> dict:
     """inspect-rank's report. Module at a time: a lazily loaded adapter (``lazy=True``) has
     each module's factors read, measured and dropped before the next, so private memory holds
-    one module, whatever the adapter's size. ``progress(1, name)`` after each module."""
+    one module, whatever the adapter's size. ``progress(1, name)`` after each module.
+
+    Expert-stacked modules get a spectrum per expert (``experts``; the module's figures are the
+    largest over its experts). DoRA modules get ``dora``: their magnitudes and, with ``base``
+    (a path), how far they moved from the base's norms (peft starts them at ‖W‖) and the factor
+    m / ‖W + ΔW‖ the merge multiplies each output by."""
+    from .adapter import ExpertLoraModule
     from .rank import rank_report
 
     if not 0 < threshold <= 1:
         raise ValidationError(f"--threshold must be in (0, 1], got {threshold}")
+    weights = None
+    if base is not None and any(m.magnitude is not None for m in adapter.modules.values()):
+        from .formats.resolve import resolve
+        from .tensors.header import read_base
+
+        index = read_base(base)
+        resolved = resolve(adapter, index, source=adapter.meta.source)
+        by_id = {id(m.A): n for n, m in resolved.modules.items() if hasattr(m, "A")}
+        weights = (index, by_id)
     modules, skipped = [], []
     for name, lazy_mod in adapter.modules.items():
         if module_glob and not fnmatch.fnmatchcase(name, module_glob):
+            continue
+        if isinstance(lazy_mod, ExpertLoraModule):
+            rep = _experts_report(lazy_mod, threshold)
+            modules.append({"name": name, "kind": lazy_mod.label, **rep})
             continue
         if not isinstance(lazy_mod, LoraModule) and not hasattr(lazy_mod, "svdvals"):
             skipped.append({"name": name, "kind": lazy_mod.label, "reason": "no spectrum"})
             continue
         mod = lazy_mod.materialized()
+        dora = _dora_report(lazy_mod, mod, weights) if mod.magnitude is not None else None
         if hasattr(mod, "svdvals"):
             # LyCORIS kinds: the spectrum from their own factors (adapter/lycoris.py), no ΔW
             rep = rank_report_of(mod, threshold)
@@ -94,6 +115,8 @@ def inspect(
         rep = {"name": name, "kind": lazy_mod.label, **rep}
         rep["shape"] = list(lazy_mod.base_shape)
         rep["rank"] = lazy_mod.rank
+        if dora is not None:
+            rep["dora"] = dora
         modules.append(rep)
         if progress is not None:
             progress(1, name)
@@ -126,6 +149,74 @@ def inspect(
     summary["by_layer_kind"] = {k: stats(v) for k, v in sorted(by_kind.items())}
     summary["skipped"] = skipped  # modules that are not one B·A (expert-stacked, LoHa, …)
     return {"modules": modules, "summary": summary}
+
+
+def _experts_report(lazy_mod, threshold: float) -> dict:
+    """One spectrum per expert (A_e, B_e as peft lays them out: adapter/experts.py)."""
+    import statistics as st
+
+    from .rank import rank_report
+
+    mod = lazy_mod.materialized()
+    A, B = mod.factors()
+    per = []
+    for e in range(mod.num_experts):
+        # ΔW[e] = B_e·A_e, or its transpose (same singular values) for transposed experts
+        r = rank_report(B[e], A[e], mod.scale, threshold=threshold)
+        r.pop("energy", None)
+        per.append({"expert": e, **r})
+    top = max(per, key=lambda r: r["singular_values"][0] if r["singular_values"] else 0.0)
+    return {
+        "shape": list(lazy_mod.base_shape),
+        "rank": mod.rank,
+        "numerical_rank": max(r["numerical_rank"] for r in per),
+        "energy_rank": max(r["energy_rank"] for r in per),
+        "stable_rank": st.fmean(r["stable_rank"] for r in per),
+        "entropy_rank": st.fmean(r["entropy_rank"] for r in per),
+        "singular_values": top["singular_values"],
+        "experts": per,
+    }
+
+
+def _dora_report(lazy_mod, mod, weights) -> dict:
+    import torch
+
+    m = mod.magnitude.detach().float().reshape(-1)
+    out = {
+        "magnitude_min": float(m.min()),
+        "magnitude_max": float(m.max()),
+        "magnitude_mean": float(m.mean()),
+    }
+    if weights is None:
+        return out
+    index, by_id = weights
+    name = by_id.get(id(lazy_mod.A))
+    if name is None or name not in index.tensors:
+        return out
+    from .tensors.io import read_tensor
+
+    W = read_tensor(index.tensors[name]).float()
+    d = mod.delta()
+
+    def norms(x):  # one per output: rows as stored (linear, conv), columns (Conv1D, embedding)
+        return (
+            torch.linalg.vector_norm(x, dim=0)
+            if mod.dora_axis == 1
+            else (torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1))
+        )
+
+    norm_w, norm_wd = norms(W), norms(W + d)
+    moved = (m / norm_w - 1).abs()
+    factor = m / norm_wd
+    out.update(
+        {
+            "moved_max": float(moved.max()),  # |m / ‖W‖ − 1|: peft starts m at ‖W‖
+            "moved_mean": float(moved.mean()),
+            "factor_min": float(factor.min()),  # m / ‖W + ΔW‖, what the merge multiplies by
+            "factor_max": float(factor.max()),
+        }
+    )
+    return out
 
 
 # -- resize --------------------------------------------------------------------------------
@@ -372,16 +463,32 @@ def combine(
     names: list[str] = []
     for a, _ in inputs:
         names += [n for n in a.modules if n not in names]
-    modules, errors = {}, {}
-    for name in names:
-        present = [(a.modules[name], w) for a, w in inputs if name in a.modules]
-        for m, _ in present:
+    for a, _ in inputs:  # everything refused before any work
+        for name, m in a.modules.items():
             if not isinstance(m, LoraModule):
                 raise ValidationError(
                     f"combine works on LoRA B·A modules; this one is {m.label}",
                     tensor=name,
                     hint="convert it to LoRA first (loratool convert SRC DEST --to kohya)",
                 )
+            if m.magnitude is not None:
+                # a DoRA magnitude belongs to its own ΔW: there is no magnitude for a sum
+                raise ValidationError(
+                    f"combine works on LoRA B·A modules; a DoRA module ({m.label}) cannot be "
+                    "combined",
+                    tensor=name,
+                )
+        for op in a.ops.values():
+            # a replaced head or bias is not a low-rank update: weights and sums mean nothing
+            verb = {"replace": "replaces", "rows": "replaces rows of", "add": "adds to"}[op.op]
+            raise ValidationError(
+                f"combine works on LoRA B·A modules; this adapter also {verb} a full tensor "
+                f"({op.why})",
+                tensor=op.target,
+            )
+    modules, errors = {}, {}
+    for name in names:
+        present = [(a.modules[name], w) for a, w in inputs if name in a.modules]
         first = present[0][0]
         for m, _ in present[1:]:
             if m.base_shape != first.base_shape or m.kind != first.kind:

@@ -367,3 +367,98 @@ def test_formats_that_cannot_hold_a_kind_refuse_it_by_name(
     assert r.exit_code == 1
     assert message in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "out.safetensors").exists()
+
+
+# -- inspect-rank, resize, combine -------------------------------------------------------------
+
+
+def test_inspect_rank_measures_each_expert_and_the_dora_magnitudes(kind_cases, cli_run):
+    from loratool.rank import factored_svdvals
+
+    moe = kind_cases["moe"]
+    r = cli_run("inspect-rank", moe.adapter_dir, "--json")
+    assert r.exit_code == 0, r.output
+    mods = {m["name"]: m for m in json.loads(r.stdout)["modules"]}
+    name = "model.layers.0.mlp.experts.down_proj"
+    experts = mods[name]["experts"]
+    assert len(experts) == 4
+    # expert 2's spectrum, written out from peft's layouts: A rows 2r…3r, B columns k·E + 2
+    sd = load_file(moe.adapter_dir / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.mlp.experts.lora_"
+    A, B = sd[key + "A.weight"], sd[key + "B.weight"]
+    r_, E = 2, 4
+    A2, B2 = A[2 * r_ : 3 * r_], B[:, [k * E + 2 for k in range(r_)]]
+    want = factored_svdvals(B2, A2, 4 / 2).tolist()
+    assert experts[2]["singular_values"] == pytest.approx(want, rel=1e-5)
+
+    dora = kind_cases["seqcls_dora"]
+    r = cli_run("inspect-rank", dora.adapter_dir, "--base", dora.base_dir, "--json")
+    assert r.exit_code == 0, r.output
+    m = {x["name"]: x for x in json.loads(r.stdout)["modules"]}[
+        "model.layers.0.self_attn.q_proj.weight"
+    ]
+    sd = load_file(dora.adapter_dir / "adapter_model.safetensors")
+    mag = sd["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"]
+    W = load_file(dora.base_dir / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    moved = (mag / torch.linalg.norm(W, dim=1) - 1).abs()
+    assert m["dora"]["moved_max"] == pytest.approx(float(moved.max()), rel=1e-5)
+    assert m["dora"]["magnitude_max"] == pytest.approx(float(mag.max()))
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("seqcls_dora", "a DoRA module (linear+dora) cannot be combined"),
+        ("tokcls", "this adapter also replaces a full tensor (modules_to_save)"),
+        ("moe", "this one is experts×4"),
+    ],
+)
+def test_combine_refuses_what_it_cannot_combine_by_name(
+    kind_cases, name, message, tmp_path, cli_run
+):
+    case = kind_cases[name]
+    r = cli_run(
+        "combine", case.adapter_dir, case.adapter_dir, "--method", "cat", "-o", tmp_path / "c"
+    )
+    assert r.exit_code == 1 and message in r.stderr, r.stderr
+    assert not (tmp_path / "c").exists()
+
+
+def test_resize_refuses_dora_truncation_and_expert_stacks(kind_cases, tmp_path, cli_run):
+    r = cli_run(
+        "resize", kind_cases["seqcls_dora"].adapter_dir, "--rank", "2", "-o", tmp_path / "a"
+    )
+    assert r.exit_code == 1 and "DoRA module cannot be truncated" in r.stderr, r.stderr
+    r = cli_run("resize", kind_cases["moe"].adapter_dir, "--rank", "1", "-o", tmp_path / "b")
+    assert r.exit_code == 1 and "experts×4" in r.stderr, r.stderr
+
+
+# -- the committed fixtures (fixtures/make_peft_kinds.py) --------------------------------------
+
+FIXTURE_ADAPTERS = {
+    "seqcls-dora": ("llama-seqcls", "AutoModelForSequenceClassification"),
+    "bias-all": ("llama", CAUSAL := "AutoModelForCausalLM"),
+    "lora-bias": ("llama", CAUSAL),
+    "dora-embed": ("llama", CAUSAL),
+    "tokens": ("llama", CAUSAL),
+    "gpt2-dora": ("gpt2", CAUSAL),
+    "moe": ("qwen3-moe", CAUSAL),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURE_ADAPTERS))
+def test_fixture_adapters_merge_to_the_peft_models_logits(fixtures, name, tmp_path):
+    import transformers
+    from peft import PeftModel
+
+    base_name, cls_name = FIXTURE_ADAPTERS[name]
+    root = fixtures / "peft-kinds"
+    base, adapter = root / base_name, root / "adapters" / name
+    merge(base, [inp(adapter)], tmp_path / "out", device="cpu")
+    cls = getattr(transformers, cls_name)
+    x = torch.tensor([[1, 3, 7, 12, 30], [5, 9, 2, 3, 11]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = logits(PeftModel.from_pretrained(cls.from_pretrained(base), adapter).eval(), x)
+        ours = logits(cls.from_pretrained(tmp_path / "out").eval(), x)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)

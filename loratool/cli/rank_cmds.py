@@ -146,17 +146,24 @@ def _task_for_as(ctx, as_name, task, specs: list[str]) -> str | None:
     ".svg, .pdf…; needs the plot extra).",
 )
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")
+@click.option(
+    "--base",
+    type=click.Path(exists=True),
+    help="The base model: for DoRA modules, how far the magnitudes moved from its norms.",
+)
 @table_options
 @click.pass_context
-def inspect_rank(ctx, adapter, threshold, module_glob, plot, force, json_):
+def inspect_rank(ctx, adapter, threshold, module_glob, plot, force, base, json_):
     """The singular values of every scale·B·A and the rank they say the task needs.
 
     Computed from the factors (QR of B and Aᵀ, SVD of the r×r core), never forming the d×k
     product. Per module: numerical rank (σ above float32 noise), energy rank (fewest σ holding
     --threshold of Σσ²), stable rank (‖ΔW‖F²/‖ΔW‖₂²) and entropy effective rank. The summary
     gives the smallest rank that keeps the threshold in every module, and the `loratool
-    resize` that would apply it when it is below the adapter's own rank. --csv, --tsv and
-    --nl print one row per module.
+    resize` that would apply it when it is below the adapter's own rank. Expert-stacked
+    modules are measured expert by expert; DoRA modules report their magnitudes, and with
+    --base how far they moved from the base's norms. --csv, --tsv and --nl print one row per
+    module.
 
     \b
     Examples:
@@ -178,7 +185,11 @@ def inspect_rank(ctx, adapter, threshold, module_glob, plot, force, json_):
     opened = open_adapter(adapter, home_from(ctx), lazy=True)
     with render.progress_count("measuring", len(opened.adapter.modules), "modules") as advance:
         report = inspect(
-            opened.adapter, threshold=threshold, module_glob=module_glob, progress=advance
+            opened.adapter,
+            threshold=threshold,
+            module_glob=module_glob,
+            progress=advance,
+            base=base,
         )
     report["adapter"] = opened.label
     if plot:

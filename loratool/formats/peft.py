@@ -428,7 +428,12 @@ def _build_modules(groups: dict, config: dict, source) -> tuple[dict, dict, dict
                 file=source,
                 tensor=groups[found[0][1]]["A_key"],
             )
+        # peft nests the wrapper of the parameter a module defines first innermost (deepest
+        # .base_layer): a provisional pairing by the usual definition order, checked (and
+        # corrected) by shape when the adapter is resolved against its base
+        cands = sorted(cands, key=_definition_order)
         names = [f"{module}.{p}" for p in cands]
+        found.sort(reverse=True)  # deepest first
         for i, (_depth, path) in enumerate(found):
             g = groups[path]
             name = names[i]
@@ -469,6 +474,14 @@ def _build_modules(groups: dict, config: dict, source) -> tuple[dict, dict, dict
             modules[name] = mod
             paths[name] = path
     return modules, paths, bias_ops
+
+
+# The order transformers' MoE experts classes define their parameters in.
+_EXPERT_PARAMS = ("gate_up_proj", "gate_up_proj_bias", "gate_proj", "up_proj", "w1", "w3")
+
+
+def _definition_order(param: str) -> tuple[int, str]:
+    return (_EXPERT_PARAMS.index(param) if param in _EXPERT_PARAMS else len(_EXPERT_PARAMS), param)
 
 
 def _check_rank(rank: int, declared, source, key) -> None:
