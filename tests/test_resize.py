@@ -267,7 +267,11 @@ def test_dora_is_inspected_padded_but_never_truncated():
     )
     rep = T.inspect(dora)
     assert {m["kind"] for m in rep["modules"]} == {"linear+dora"}
-    assert rep["modules"] == [{**m, "kind": "linear+dora"} for m in T.inspect(ad)["modules"]]
+    # the spectrum is the low-rank part's; DoRA adds its magnitudes (issue 11)
+    assert [{k: v for k, v in m.items() if k != "dora"} for m in rep["modules"]] == [
+        {**m, "kind": "linear+dora"} for m in T.inspect(ad)["modules"]
+    ]
+    assert all("magnitude_max" in m["dora"] for m in rep["modules"])
     with pytest.raises(ValidationError, match="DoRA"):
         T.resize(dora, RankRule("rank", 2))
     out, _ = T.resize(dora, RankRule("rank", 6), common_rank=6)  # padding is exact: allowed
