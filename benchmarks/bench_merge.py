@@ -39,6 +39,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -287,8 +288,11 @@ model.save_pretrained(out)
 
 def run_measured(cmd: list[str], env=None) -> dict:
     """Run cmd, then sync; sample RssAnon of the child every 5 ms."""
+    # Output goes to files, not pipes: a child that writes more than a pipe holds (a merge's
+    # --json lists every tensor) would block while we wait for it to exit.
+    out_f, err_f = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env)
     peak = [0]
     done = threading.Event()
 
@@ -309,9 +313,12 @@ def run_measured(cmd: list[str], env=None) -> dict:
     th.start()
     _, status, usage = os.wait4(proc.pid, 0)
     done.set()
-    out = proc.stdout.read().decode()
-    err = proc.stderr.read().decode()
-    proc.wait() if proc.returncode is None else None
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4
+    out_f.seek(0)
+    err_f.seek(0)
+    out, err = out_f.read().decode(), err_f.read().decode()
+    out_f.close()
+    err_f.close()
     subprocess.run(["sync"], check=True)
     wall = time.perf_counter() - t0
     code = os.waitstatus_to_exitcode(status)
