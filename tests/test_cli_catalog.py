@@ -185,6 +185,44 @@ def test_list_prints_plain_columns_for_long_listings(cli_run, tmp_path, loratool
     assert len(lines) == 2 + RICH_ROWS + 2
 
 
+def test_long_listings_escape_terminal_sequences_and_check_the_rows_they_list(
+    cli_run, tmp_path, loratool_home
+):
+    """The plain table (above RICH_ROWS) escapes control characters as the rich one does; a
+    damaged row stops every listing that reads it, and only those."""
+    import sqlite3
+
+    from loratool.catalog import AdapterRecord, ModuleRecord
+    from loratool.cli.catalog_cmds import RICH_ROWS
+
+    cli_run("add", make_peft_dir(tmp_path / "a"), "--task", "t")
+    with Catalog(loratool_home) as c:
+        sha = c.get("a")["sha256"]
+        mod = ModuleRecord(
+            "w.weight", "linear", [2, 8], [8, 2], [8, 8], 2, 4.0, 2.0, 32, 64, "float32"
+        )
+        c.insert_records(
+            AdapterRecord(
+                name=f"n{i:04d}",
+                task="red\x1b[31m",
+                sha256=sha,
+                modules=[mod],
+                bytes=2048,
+                dtype="float32",
+            )
+            for i in range(RICH_ROWS + 1)
+        )
+    out = cli_run("list").stdout
+    assert "\x1b" not in out and out.count("red\\x1b[31m") == RICH_ROWS + 1
+    db = sqlite3.connect(loratool_home / "catalog.db")
+    db.execute("update adapters set rslora = 7 where name = 'n0003'")
+    db.commit()
+    db.close()
+    r = cli_run("list")
+    assert r.exit_code == 1 and "'n0003' is damaged: rslora 7" in r.stderr, r.output
+    assert cli_run("list", "--task", "t").exit_code == 0  # n0003 is not read
+
+
 def test_verify_and_corrupt_blob(cli_run, tmp_path, loratool_home):
     cli_run("add", make_peft_dir(tmp_path / "a"), "--task", "t")
     r = cli_run("verify")

@@ -484,21 +484,22 @@ class Catalog:
         for t in tags:
             where.append("exists (select 1 from tags t where t.adapter = a.name and t.tag = ?)")
             params.append(t)
+        # Every row listed is checked, by SQLite (BAD_ADAPTER_ROW): far faster than in Python.
+        # Rows a filter leaves out are not read, so not checked (verify checks them all).
         sql = (
-            "select a.*, (select group_concat(tag, char(31)) from "
-            "(select tag from tags t where t.adapter = a.name order by tag)) as tag_list from adapters a"
+            f"select a.*, ({BAD_ADAPTER_ROW}) as bad_row, (select group_concat(tag, char(31)) "
+            "from (select tag from tags t where t.adapter = a.name order by tag)) as tag_list "
+            "from adapters a"
         )
         if where:
             sql += " where " + " and ".join(where)
         sql += " order by a.task, a.name"
-        # SQLite finds a damaged row far faster than a check of each row in Python
-        bad = self.db.execute(f"select rowid from adapters where {BAD_ADAPTER_ROW} limit 1")
-        bad = bad.fetchone()
-        if bad is not None:
-            row = next(self.db.query("select * from adapters where rowid = ?", [bad[0]]))
-            self._damaged(row.get("name"), adapter_row_problems(row) or ["a column is malformed"])
         out = []
         for row in self.db.query(sql, params):
+            if row.pop("bad_row"):
+                row.pop("tag_list")
+                problems = adapter_row_problems(row) or ["a column is malformed"]
+                self._damaged(row.get("name"), problems)
             tl = row.pop("tag_list")
             row["tags"] = tl.split("\x1f") if tl else []
             row["alpha"] = _num(row["alpha"])

@@ -104,10 +104,11 @@ def adapter_row_problems(row: dict[str, Any]) -> list[str]:
     return out
 
 
-# The same checks as adapter_row_problems, as one SQL condition: `list` of 10,000 rows asks
-# SQLite for the damaged ones (a few ms) instead of checking each row in Python (~70 ms);
-# tests/test_hostile_catalog.py keeps the two in agreement.
+# The same checks as adapter_row_problems, as one SQL condition: `list` asks SQLite whether the
+# rows it lists are damaged (about 60 ms for 10,000 rows) instead of checking each row in Python
+# (~70 ms + the rows' conversion); tests/test_hostile_catalog.py keeps the two in agreement.
 _BLANK = " \t\n\v\f\r"
+_HEX = "0123456789abcdef"
 BAD_ADAPTER_ROW = " or ".join(
     [
         "typeof(name) != 'text'",
@@ -118,10 +119,10 @@ BAD_ADAPTER_ROW = " or ".join(
         "trim(task, ' ' || char(9, 10, 11, 12, 13)) = ''",
         "typeof(sha256) != 'text'",
         "length(sha256) != 64",
-        "sha256 glob '*[^0-9a-f]*'",
+        f"ltrim(sha256, '{_HEX}') != ''",  # (ltrim: 1.7× faster than a glob here)
         *(
             f"({c} is not null and (typeof({c}) != 'text' or length({c}) != 64 "
-            f"or {c} glob '*[^0-9a-f]*'))"
+            f"or ltrim({c}, '{_HEX}') != ''))"
             for c in ("file_sha256", "tensor_sha256")
         ),
         *(f"typeof({c}) != 'integer' or {c} < 0" for c in _INT_COLUMNS),

@@ -13,6 +13,7 @@ from .options import (
     emit_records,
     home_from,
     json_option,
+    needs_sanitizing,
     output_format,
     sanitize,
     table_options,
@@ -66,7 +67,9 @@ def _plain_table(columns, rows) -> None:
 
     names = [c if isinstance(c, str) else c[0] for c in columns]
     right = [not isinstance(c, str) and c[1] == "right" for c in columns]
-    cells = [tuple("" if v is None else sanitize(v, cell=True) for v in r) for r in rows]
+    cells = [tuple("" if v is None else str(v) for v in r) for r in rows]
+    if needs_sanitizing(" ".join(v for r in cells for v in r), cell=True):  # one scan
+        cells = [tuple(sanitize(v, cell=True) for v in r) for r in cells]
     widths = [
         max(len(n), max((len(v) for v in col), default=0))
         for n, col in zip(names, zip(*cells, strict=True), strict=False)
