@@ -596,7 +596,7 @@ def plan_merge(
                     continue  # written by its group, at the group's anchor
                 mode, gsteps = groups[lname]
                 lw = qb.weights[lname]
-                outs = group_outputs(lw, mode, forced, pos)
+                outs = group_outputs(lw, mode, forced, pos, qb.codec)
                 for o in outs:
                     entries.append((o.name, o.dtype, o.shape, o.out_start, o.out_start + o.nbytes))
                     pos += o.nbytes

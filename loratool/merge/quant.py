@@ -8,7 +8,9 @@ the merge steps run on them in float32 (the same steps an ordinary tensor gets),
 - ``requantize`` (``--dtype same``, the default: the output keeps the base's scheme and loads
   wherever the base loaded): encoded again with fresh scales by the scheme's own rule, every
   part written with its name, dtype and shape (parts the rule does not change — bitsandbytes'
-  quant map and JSON state — copied as stored);
+  quant map, and its JSON state without double quant — copied as stored; a part whose size
+  depends on the values, bitsandbytes' double-quant JSON state, planned by ``codec.out_parts``
+  and padded by ``codec.fit``);
 - ``dequantize`` (``--dtype bfloat16|float16|float32``): written as one ordinary tensor under
   the parameter's name, its scale tensors dropped. Every quantized weight is then written
   dequantized, touched or not, and ``quantization_config`` leaves config.json, so that the
@@ -114,14 +116,17 @@ def plan_groups(
     return out
 
 
-def group_outputs(lw: LogicalWeight, mode: str, dtype: str | None, pos: int):
-    """The output entries (name, dtype, shape) a group writes, laid out from ``pos``."""
+def group_outputs(lw: LogicalWeight, mode: str, dtype: str | None, pos: int, codec=None):
+    """The output entries (name, dtype, shape) a group writes, laid out from ``pos``
+    (a requantized part as ``codec.out_parts`` plans it)."""
     outs: list[QuantOutput] = []
     if mode == "dequantize":
         outs.append(QuantOutput(lw.name, dtype or lw.dtype, lw.shape, pos, None))
         return outs
+    planned = codec.out_parts(lw) if codec is not None else {}
     for role, info in sorted(lw.parts.items(), key=lambda kv: kv[1].name):
-        o = QuantOutput(info.name, info.dtype, tuple(info.shape), pos, role)
+        odtype, oshape = planned.get(role, (info.dtype, tuple(info.shape)))
+        o = QuantOutput(info.name, odtype, tuple(oshape), pos, role)
         outs.append(o)
         pos += o.nbytes
     return outs
@@ -177,9 +182,12 @@ def run_group(group: QuantGroup, device: str = "cpu") -> tuple[dict, dict]:
         written32 = written.to(torch.float32)
     else:
         enc = codec.encode(lw, exact)
+        full = dict(parts)
         for o in group.outputs:
-            out[o.name] = enc[o.role] if o.role in enc else parts[o.role]
-        full = {role: enc.get(role, parts[role]) for role in lw.parts}
+            if o.role in enc:
+                full[o.role] = codec.fit(lw, o.role, enc[o.role], o.shape)
+            out[o.name] = full[o.role]
+        # what is written, decoded again: the report's error is the stored model's
         written32 = codec.decode(lw, full)
     report.update(error_report(exact, written32, w if group.steps else None))
     return out, report

@@ -98,6 +98,16 @@ class Codec:
         """Why this weight cannot be requantized (checked when planning), or None."""
         return None
 
+    def out_parts(self, lw: LogicalWeight) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """role → (dtype, shape) a requantized weight is planned with (the stored ones)."""
+        return {role: (info.dtype, tuple(info.shape)) for role, info in lw.parts.items()}
+
+    def fit(self, lw: LogicalWeight, role: str, t: torch.Tensor, shape: tuple[int, ...]):
+        """An encoded part as written into its planned ``shape`` (bitsandbytes pads its JSON)."""
+        if tuple(t.shape) != tuple(shape):
+            raise lw.error(f"encoded {role} is {list(t.shape)}, planned {list(shape)}", role=role)
+        return t
+
     def step(self, lw: LogicalWeight, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """The scheme's own unit of error at each element: the distance between neighbouring
         representable values at that element's scale (what ``unmerge --check`` counts in)."""
