@@ -435,16 +435,130 @@ def test_bnb4_decode_matches_bitsandbytes(tmp_path, quant_type, nested, shape):
         assert same_bits(ours, F.dequantize_4bit(q, state))
 
 
+def native_bnb() -> bool:
+    """Whether bitsandbytes' compiled x86-64 CPU library loaded: the quantize_blockwise kernel
+    double quant is pinned to (its aarch64 build bins with NEON, (v + 1)·32767.5 + 0.5)."""
+    import platform
+
+    from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return x86 and not isinstance(lib, ErrorHandlerMockBNBNativeLibrary)
+
+
+NO_NATIVE = "needs bitsandbytes' compiled x86-64 CPU library"
+needs_native_bnb = pytest.mark.skipif(not native_bnb(), reason=NO_NATIVE)
+
+
+def test_bnb4_dynamic_map_is_bitsandbytes():
+    import bitsandbytes.functional as F
+
+    assert same_bits(bnb4.dynamic_map(), F.create_dynamic_map())
+
+
+@needs_native_bnb
+def test_bnb4_nested_quantize_blockwise_is_the_cpu_kernel():
+    """bitsandbytes' compiled CPU quantize_blockwise (a 65536-bin lookup table, not the
+    nearest map value) on lengths that are not multiples of 256, zero blocks, values at the
+    table's bin edges and at ±absmax."""
+    import bitsandbytes.functional as F
+
+    code = bnb4.dynamic_map()
+    k = torch.arange(1, 65536, dtype=torch.float64)
+    edges = (2 * (k - 0.5) / 65535 - 1).float()  # the values where the bin index changes
+    near = torch.cat(
+        [
+            edges,
+            torch.nextafter(edges, torch.tensor(2.0)),
+            torch.nextafter(edges, torch.tensor(-2.0)),
+        ]
+    ).clamp(-1, 1)
+    rows = near.numel() // 255 + 1
+    at_edges = torch.zeros(rows, 256)
+    at_edges[:, 0] = 1.0  # each block's absmax is 1: the values reach the kernel unscaled
+    at_edges[:, 1:].reshape(-1)[: near.numel()] = near
+    cases = [at_edges.reshape(-1), -at_edges.reshape(-1)]
+    for seed, n in enumerate((1, 255, 257, 1000, 50000)):
+        torch.manual_seed(seed)
+        a = torch.randn(n) * 10.0 ** (seed - 4)
+        a[: n // 3] = 0 if seed % 2 else a[: n // 3]  # whole blocks of zeros
+        cases.append(a)
+    cases.append(torch.randn(40, 70) * 0.01)  # any shape: codes come back shaped as the input
+    nearest_differs = 0
+    for a in cases:
+        q, st = F.quantize_blockwise(a, blocksize=256)
+        ours, absmax = bnb4.quantize_blockwise(a, code, 256)
+        assert same_bits(ours, q) and same_bits(absmax, st.absmax)
+        # the nearest map value (the CUDA and pure-torch kernels' rule) is a different answer
+        scaled = a.reshape(-1) / torch.repeat_interleave(absmax.clamp(min=1e-38), 256)[: a.numel()]
+        nearest = torch.bucketize(scaled.clamp(-1, 1), (code[:-1] + code[1:]) / 2)
+        nearest_differs += int((nearest.to(torch.uint8) != q.reshape(-1)).sum())
+    assert nearest_differs > 0
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_bnb4_encode_matches_bitsandbytes(tmp_path, quant_type):
-    torch.manual_seed(11)
-    x = torch.randn(40, 70) * 0.02
-    lw, q, st, _ = bnb_stored(tmp_path, x, quant_type, False)
+@pytest.mark.parametrize(
+    "shape, blocksize, nested",
+    [
+        ((40, 70), 64, False),
+        ((40, 70), 64, True),  # rows of 70: blocks straddle rows, 44 blocks, 1 nested block
+        ((7, 9), 64, True),  # 63 values: one partial block, an odd count of nibbles
+        ((129, 200), 32, True),  # 807 blocks: 3 full nested blocks of 256 and one of 39
+        ((300, 301), 64, True),
+    ],
+)
+def test_bnb4_encode_matches_bitsandbytes(tmp_path, quant_type, shape, blocksize, nested):
+    """Every tensor quantize_4bit(compress_statistics=...) and QuantState.as_dict(packed=True)
+    write, byte for byte (the JSON state before its padding to the planned length)."""
+    if nested and not native_bnb():
+        pytest.skip(NO_NATIVE)
+    torch.manual_seed(shape[0] + blocksize)
+    x = torch.randn(shape) * 0.02
+    lw, q, st, t = bnb_stored(tmp_path, x, quant_type, nested, blocksize)
     enc = bnb4.CODEC.encode(lw, x)
-    assert same_bits(enc["weight"], q) and same_bits(enc["absmax"], st.absmax)
-    lw_n, *_ = bnb_stored(tmp_path, x, quant_type, True)
-    with pytest.raises(ValidationError, match="double-quant"):
-        bnb4.CODEC.encode(lw_n, x)
+    packed = {**st.as_dict(packed=True), "weight": q}
+    for role, tensor in enc.items():
+        key = f"quant_state.bitsandbytes__{quant_type}" if role == "state" else role
+        assert same_bits(tensor, packed[key]), role
+    assert set(enc) == (
+        {"weight", "absmax", "nested_absmax", "nested_quant_map", "state"}
+        if nested
+        else {"weight", "absmax"}
+    )
+    # decoded again from what is written (the new offset read from the padded JSON): what
+    # bitsandbytes' own dequantization of its quantize_4bit gives
+    planned = bnb4.CODEC.out_parts(lw)
+    parts = {r: bnb4.CODEC.fit(lw, r, v, planned[r][1]) for r, v in enc.items()}
+    parts["quant_map"] = t["l.weight.quant_map"]
+    back = bnb4.CODEC.decode(lw, parts)
+    absmax = st.absmax
+    if nested:
+        import bitsandbytes.functional as F
+
+        absmax = F.dequantize_blockwise(st.absmax, st.state2) + st.offset
+        assert bytes(parts["state"].tolist()).rstrip(b" ") == bytes(
+            packed[f"quant_state.bitsandbytes__{quant_type}"].tolist()
+        )
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    want = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
+    ref = want(q.reshape(-1), absmax, bnb4.table(quant_type), blocksize, shape, torch.float32)
+    assert same_bits(back, ref)
+
+
+def test_bnb4_nested_blocksize_other_than_256_is_refused(tmp_path):
+    x = torch.randn(40, 70) * 0.02
+    lw, q, st, t = bnb_stored(tmp_path, x, "nf4", True)
+    key = "l.weight.quant_state.bitsandbytes__nf4"
+    state = json.loads(bytes(t[key].tolist()))
+    state["nested_blocksize"] = 128  # still one nested block for 44 absmax
+    t[key] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+    lw = bnb4.CODEC.group(
+        {"quant_method": "bitsandbytes", "load_in_4bit": True}, stored(tmp_path, t, "n.safetensors")
+    )["l.weight"]
+    assert "nested_blocksize 128" in bnb4.CODEC.cannot_encode(lw)
+    with pytest.raises(ValidationError, match="nested_blocksize 128"):
+        bnb4.CODEC.encode(lw, x)
 
 
 def test_bnb4_refuses_a_foreign_quant_map_and_missing_state(tmp_path):

@@ -25,9 +25,27 @@ differs from it would mean something bitsandbytes does not compute, so it is ref
 Encoding (bitsandbytes ``quantize_4bit``, its default kernel, the one CPUs run):
 ``absmax = max|x|`` per block; ``code = bucketize(clamp(x · (1 / max(absmax, 1e-38)), −1,
 1), midpoints of the sorted table)`` (a tie goes to the lower value), FP4 codes remapped to
-their bit patterns. With double quant the absmax are then stored as bitsandbytes'
-``quantize_blockwise(absmax − mean, blocksize=256)`` does; that kernel is compiled C on CPU,
-so loratool does not re-create it: a merge into a double-quant base is written dequantized.
+their bit patterns.
+
+With double quant (``compress_statistics=True``) the float32 absmax are then stored as
+bitsandbytes does on CPU: ``offset = absmax.mean()`` (torch's float32 mean; past 32768 blocks
+its summation order, so its last bit, follows torch's thread count, for bitsandbytes as for
+loratool), and ``absmax − offset`` quantized by ``quantize_blockwise(…, blocksize=256)`` with
+the signed dynamic 8-bit map (``create_dynamic_map()``, re-created in ``dynamic_map``). That
+CPU kernel is compiled C (``csrc/cpu_ops.cpp`` ``quantize_cpu_impl``, re-created in
+``quantize_blockwise``): per 256 values ``nested_absmax = max(0, max|a|)``; a block of zeros
+gets code 0; otherwise ``v = clamp(a · (1 / nested_absmax), −1, 1)`` picks one of 65536 bins,
+``bin = (int)fma((v + 1) · 0.5, 65535, 0.5)``, and a table gives, for the bin's value
+``(2i)/65535 − 1``, how many midpoints of the map lie strictly below it. That is not always
+the nearest map value: bitsandbytes' pure-torch default kernel, used where the compiled
+library is missing, rounds to the nearest and differs in about one code in 700 on normal
+data. This is the x86-64 build's kernel; the aarch64 build bins with NEON as
+``(v + 1) · 32767.5 + 0.5``, which can land in the neighbouring bin at a bin's edge.
+The JSON state keeps its keys, ``nested_offset`` = ``offset.item()``, as ``json.dumps`` writes
+it, then padded with spaces to a length fixed when the output file is planned (the offset's
+digits are not known then; JSON ignores the spaces: bitsandbytes and transformers read the
+same object). A base whose ``nested_blocksize`` is not 256 (bitsandbytes never writes one) is
+refused when requantizing.
 """
 
 from __future__ import annotations
@@ -87,6 +105,76 @@ def table(quant_type: str):
 
     data = torch.tensor(NF4 if quant_type == "nf4" else _FP4_RAW, dtype=torch.float32)
     return data.div_(data.abs().max())
+
+
+NESTED_BLOCKSIZE = 256  # quantize_4bit(compress_statistics=True) always uses it
+# the longest json.dumps of a finite double ("-1.2345678901234567e-305"): the planned room for
+# nested_offset in a requantized JSON state
+_OFFSET_ROOM = 24
+_LUT_SIZE = 65536
+
+
+def dynamic_map():
+    """bitsandbytes' ``create_dynamic_map()`` (signed, 7 exponent bits, 8 bits): the 256
+    sorted float32 values double quant stores the absmax with, computed as it does."""
+    import torch
+
+    data: list[float] = []
+    for i in range(7):  # max_exponent_bits; one fraction bit more per decade
+        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        data += ((10 ** (-6 + i)) * means).tolist()
+        data += (-(10 ** (-6 + i)) * means).tolist()
+    # additional_items = 2 ** (7 - 7) - 1 = 0: none
+    data += [0, 1.0]
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32)
+
+
+def _bin_table(code):
+    """quantize_cpu_impl's lookup table: for each of 65536 bins, the number of midpoints of
+    the (sorted) map strictly below the bin's value ``(i + i) / 65535 − 1`` (float32)."""
+    import torch
+
+    mids = (code[:-1] + code[1:]) * 0.5
+    i = torch.arange(_LUT_SIZE, dtype=torch.float32)
+    val = (i + i) / torch.full_like(i, _LUT_SIZE - 1) - 1.0
+    return torch.searchsorted(mids, val, side="left")
+
+
+def quantize_blockwise(a, code, blocksize: int = NESTED_BLOCKSIZE):
+    """bitsandbytes' CPU ``quantize_blockwise`` kernel on float32 ``a`` (the compiled
+    ``quantize_cpu_impl``, bit for bit): (uint8 codes shaped as ``a``, float32 absmax per block)."""
+    import torch
+
+    flat = a.reshape(-1).to(torch.float32)
+    n = flat.numel()
+    nb = -(-n // blocksize)
+    x = torch.nn.functional.pad(flat, (0, nb * blocksize - n)).view(nb, blocksize)
+    absmax = x.abs().amax(dim=1)  # padding zeros change no max; max(0, …) as the kernel
+    zero = absmax == 0
+    inv = torch.ones_like(absmax) / torch.where(zero, torch.ones_like(absmax), absmax)
+    v = (x * inv.view(-1, 1)).clamp(-1.0, 1.0)
+    # norm_to_lut_index: (uint16)((v + 1) * 0.5 * 65535 + 0.5), compiled as one fused
+    # multiply-add: t·65535 + 0.5 is exact in float64 (t is a multiple of 2^-25 in [0, 1]),
+    # rounded once to float32 as the FMA does, then truncated
+    t = (v + 1.0) * 0.5
+    idx = (t.to(torch.float64) * float(_LUT_SIZE - 1) + 0.5).to(torch.float32).to(torch.int64)
+    q = _bin_table(code)[idx].to(torch.uint8)
+    q[zero] = 0  # a block of zeros is written as code 0
+    return q.reshape(-1)[:n].reshape(a.shape), absmax
+
+
+def state_bytes(state: dict):
+    """QuantState.as_dict(packed=True)'s JSON tensor (bitsandbytes' pack_dict_to_tensor)."""
+    import torch
+
+    return torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8)
+
+
+def _state_room(state: dict) -> int:
+    """The planned length of a requantized double-quant JSON state (any offset fits)."""
+    return len(json.dumps({**state, "nested_offset": 0.0})) - len("0.0") + _OFFSET_ROOM
 
 
 class Bnb4(Codec):
@@ -258,12 +346,42 @@ class Bnb4(Codec):
         return out
 
     def cannot_encode(self, lw):
-        if lw.params["nested"]:
+        nbs = lw.params.get("nested_blocksize")
+        if lw.params["nested"] and nbs != NESTED_BLOCKSIZE:
             return (
-                "requantizing into double-quant 4-bit is not supported (bitsandbytes quantizes "
-                "the absmax with its compiled CPU kernel, which loratool does not re-create)"
+                f"requantizing double-quant 4-bit with nested_blocksize {nbs} is not supported "
+                f"(bitsandbytes' quantize_4bit nests blocks of {NESTED_BLOCKSIZE})"
             )
         return None
+
+    def out_parts(self, lw):
+        """A requantized JSON state is planned with room for any nested_offset (``fit`` pads)."""
+        out = super().out_parts(lw)
+        if lw.params["nested"]:
+            out["state"] = ("U8", (_state_room(lw.params["state"]),))
+        return out
+
+    def fit(self, lw, role, t, shape):
+        if role == "state" and t.dim() == 1 and t.numel() <= shape[0]:
+            import torch
+
+            pad = torch.full((shape[0] - t.numel(),), ord(" "), dtype=torch.uint8)
+            return torch.cat([t, pad])
+        return super().fit(lw, role, t, shape)
+
+    def offset(self, lw, parts) -> float:
+        """nested_offset from the JSON state in ``parts`` (a requantized one differs from the
+        base's), else as grouped."""
+        raw = parts.get("state")
+        if raw is None:
+            return float(lw.params["state"]["nested_offset"])
+        try:
+            value = json.loads(bytes(raw.reshape(-1).tolist()).decode("utf-8"))["nested_offset"]
+        except (UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
+            raise lw.error("quant_state has no readable nested_offset", role="state") from exc
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise lw.error(f"nested_offset {value!r} is not a number", role="state")
+        return float(value)
 
     def absmax(self, lw, parts):
         """The float32 block scales (double quant undone as dequantize_blockwise does)."""
@@ -288,7 +406,7 @@ class Bnb4(Codec):
         if full < n:
             out[full:] = vals[full:] * na[full // nbs]
         # offset = torch.tensor(float(nested_offset)): a float32 scalar, added in float32
-        out += torch.tensor(float(p["state"]["nested_offset"]), dtype=torch.float32)
+        out += torch.tensor(self.offset(lw, parts), dtype=torch.float32)
         return out
 
     def check_map(self, lw, parts) -> None:
@@ -340,10 +458,9 @@ class Bnb4(Codec):
     def encode(self, lw, x):
         import torch
 
-        if lw.params["nested"]:
-            raise lw.error(
-                "requantizing into double-quant 4-bit is not supported; write it dequantized (--dtype bfloat16)"
-            )
+        why = self.cannot_encode(lw)
+        if why:
+            raise lw.error(why)
         code = table(lw.params["quant_type"])
         order = torch.argsort(code)
         mids = (code[order[:-1]] + code[order[1:]]) / 2
@@ -365,8 +482,25 @@ class Bnb4(Codec):
             q = order[q]
         q8 = q.to(torch.uint8)
         packed = ((q8[::2] << 4) | q8[1::2]).reshape(lw.parts["weight"].shape)
-        # the quant_map and the JSON state do not change: they are copied as stored
-        return {"weight": packed, "absmax": absmax}
+        if not lw.params["nested"]:
+            # the quant_map and the JSON state do not change: they are copied as stored
+            return {"weight": packed, "absmax": absmax}
+        # quantize_4bit(compress_statistics=True): offset = absmax.mean(), then
+        # quantize_blockwise(absmax - offset, blocksize=256) with the dynamic map
+        offset = absmax.mean()
+        if not bool(torch.isfinite(offset)):
+            raise lw.error("the mean of the block scales overflows float32")
+        code8 = dynamic_map()
+        qabs, nested = quantize_blockwise(absmax - offset, code8, NESTED_BLOCKSIZE)
+        state = dict(lw.params["state"])  # bitsandbytes' keys, in their order
+        state["nested_offset"] = offset.item()
+        return {
+            "weight": packed,
+            "absmax": qabs,
+            "nested_absmax": nested,
+            "nested_quant_map": code8,
+            "state": state_bytes(state),
+        }
 
 
 CODEC = Bnb4()
