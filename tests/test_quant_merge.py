@@ -174,7 +174,7 @@ def test_nf4_merge_requantizes_by_bitsandbytes(cli_run, tmp_path):
 # -- dequantized merges (--dtype): reference dequant + ΔW in float32, rounded once -----------
 
 
-@pytest.mark.parametrize("scheme", ["llama-fp8", "llama-fp8-ct", "llama-nf4"])
+@pytest.mark.parametrize("scheme", ["llama-fp8", "llama-fp8-ct", "llama-nf4", "llama-nf4-dq"])
 def test_dtype_bfloat16_writes_an_ordinary_model(cli_run, tmp_path, scheme):
     from transformers import AutoModelForCausalLM
 
@@ -237,9 +237,22 @@ def reference_dequant(scheme: str, t: dict) -> dict[str, torch.Tensor]:
                 continue
             shape = json.loads(bytes(t[key].tolist()))["shape"]
             out[n] = _dequantize_4bit_compute(
-                v.reshape(-1), t[n + ".absmax"], table("nf4"), 64, shape, torch.float32
+                v.reshape(-1), bnb_absmax(t, n), table("nf4"), 64, shape, torch.float32
             )
     return out
+
+
+def bnb_absmax(t: dict, name: str) -> torch.Tensor:
+    """A stored weight's float32 block scales as bitsandbytes reads them (QuantState.from_dict;
+    with double quant its dequantize_blockwise + offset, as dequantize_4bit computes them)."""
+    import bitsandbytes.functional as F
+    from bitsandbytes.functional import QuantState
+
+    p = name + "."
+    st = QuantState.from_dict({k[len(p) :]: v for k, v in t.items() if k.startswith(p)}, "cpu")
+    if not st.nested:
+        return st.absmax
+    return F.dequantize_blockwise(st.absmax, st.state2) + st.offset
 
 
 def test_mxfp4_experts_dequantize_and_requantize(cli_run, tmp_path):
@@ -288,7 +301,8 @@ def logits(path_or_model, ids):
 
 
 @pytest.mark.parametrize(
-    "scheme, tol", [("llama-fp8", 0.1), ("llama-fp8-ct", 0.1), ("llama-nf4", 0.35)]
+    "scheme, tol",
+    [("llama-fp8", 0.1), ("llama-fp8-ct", 0.1), ("llama-nf4", 0.35), ("llama-nf4-dq", 0.35)],
 )
 def test_merged_quantized_model_loads_and_matches_the_exact_merge(cli_run, tmp_path, scheme, tol):
     """transformers loads the requantized output (FP8 dequantized on CPU, NF4 as Linear4bit);
@@ -329,6 +343,13 @@ def test_fixture_tensors_match_the_reference_quantizers():
         nf4[name + ".quant_state.bitsandbytes__nf4"], packed["quant_state.bitsandbytes__nf4"]
     )
     assert same_bits(nf4[name + ".quant_map"], packed["quant_map"])
+    dq = load_file(Q / "llama-nf4-dq" / "model.safetensors")
+    q4, st = F.quantize_4bit(
+        w[name].to(torch.bfloat16), blocksize=64, compress_statistics=True, quant_type="nf4"
+    )
+    assert same_bits(dq[name], q4)
+    for k, v in st.as_dict(packed=True).items():
+        assert same_bits(dq[f"{name}.{k}"], v), k
 
 
 # -- unmerge, QLoRA, refusals -----------------------------------------------------------------
@@ -537,32 +558,83 @@ def test_sharded_fp8_base_with_scales_in_another_shard(cli_run, tmp_path):
     assert index[k] == "model-00002-of-00002.safetensors"
 
 
-def test_double_quant_nf4_is_refused_before_writing_unless_dequantized(cli_run, tmp_path):
+def test_double_quant_nf4_merge_requantizes_by_bitsandbytes(cli_run, tmp_path):
+    """QLoRA's usual base (NF4 + double quant): every tensor written for a merged weight is what
+    bitsandbytes' quantize_4bit(compress_statistics=True) makes of the exact float32 merge (the
+    JSON state: its bytes, then spaces to the planned length); bitsandbytes reads the state
+    back and dequantizes what it dequantizes from its own; the report measures that."""
     import bitsandbytes.functional as F
-    import make_fixtures as mf
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.functional import QuantState
 
-    w = mf.llama_tensors()
-    t = load_file(Q / "llama-nf4" / "model.safetensors")
+    from loratool.quant.bnb4 import table
+
+    src = Q / "llama-nf4-dq"
+    base = load_file(src / "model.safetensors")
+    doc = merged(cli_run, src, tmp_path / "out")
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(out) == set(base)
+    ref = reference_dequant("llama-nf4-dq", base)
+    d = deltas()
+    entries = {e["name"]: e for e in doc["tensors"]}
+    state_key = ".quant_state.bitsandbytes__nf4"
+
+    def dequant(q, st):
+        absmax = F.dequantize_blockwise(st.absmax, st.state2) + st.offset
+        return _dequantize_4bit_compute(
+            q.reshape(-1), absmax, table("nf4"), 64, st.shape, torch.float32
+        )
+
+    for name, delta in d.items():
+        exact = ref[name] + delta
+        q, st = F.quantize_4bit(exact, blocksize=64, compress_statistics=True, quant_type="nf4")
+        st.dtype = torch.bfloat16  # the parameter's dtype, kept from the base's state
+        want = {"": q, **{"." + k: v for k, v in st.as_dict(packed=True).items()}}
+        assert {k for k in out if k.startswith(name + ".") or k == name} == {name + k for k in want}
+        for suffix, v in want.items():
+            if suffix == state_key:
+                got = bytes(out[name + suffix].tolist())
+                assert got.rstrip(b" ") == bytes(v.tolist()) and len(got) > v.numel(), name
+            else:
+                assert same_bits(out[name + suffix], v), name + suffix
+        read = QuantState.from_dict({k[1:]: out[name + k] for k in want if k}, device="cpu")
+        assert read.offset.item() == st.offset.item() and read.nested
+        written = dequant(q, read)
+        assert same_bits(written, dequant(q, st))
+        e = entries[name]
+        assert e["op"] == "delta+requantize"
+        assert e["max_rel_error"] == float((written - exact).abs().max()) / float(exact.abs().max())
+        rms = float(torch.linalg.norm(written - exact) / torch.linalg.norm(exact))
+        assert e["rms_rel_error"] == pytest.approx(rms, rel=1e-5)
+        kept = float(((written - ref[name]) * delta).sum() / (delta * delta).sum())
+        assert e["delta_kept"] == pytest.approx(kept, rel=1e-4)
+    touched = {n for n in d} | {k for k in out for n in d if k.startswith(n + ".")}
+    for k, v in base.items():
+        if k not in touched:
+            assert same_bits(out[k], v), k  # untouched weights and their states: as stored
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert qc["bnb_4bit_use_double_quant"] is True
+    # transformers loads it as Linear4bit with the nested state; bitsandbytes' own
+    # dequantize_4bit (its CPU kernel, right on rows of 64) gives the written weight
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     name = "model.layers.0.self_attn.q_proj.weight"
-    for k in [k for k in t if k.startswith(name + ".")]:
-        del t[k]
-    q, st = F.quantize_4bit(
-        w[name].to(torch.bfloat16), blocksize=64, compress_statistics=True, quant_type="nf4"
+    param = model.get_parameter(name)
+    assert type(param).__name__ == "Params4bit" and param.quant_state.nested
+    param.quant_state.dtype = torch.float32
+    got = F.dequantize_4bit(param.data, param.quant_state)
+    assert same_bits(
+        got,
+        dequant(
+            out[name],
+            QuantState.from_dict(
+                {k[len(name) + 1 :]: v for k, v in out.items() if k.startswith(name + ".")}, "cpu"
+            ),
+        ).reshape(got.shape),
     )
-    t[name] = q
-    for k, v in st.as_dict(packed=True).items():
-        t[f"{name}.{k}"] = v
-    cfg = json.loads((Q / "llama-nf4" / "config.json").read_text())
-    cfg["quantization_config"]["bnb_4bit_use_double_quant"] = True
-    base = _copy_base(Q / "llama-nf4", tmp_path / "dq", t, cfg)
-    r = cli_run("merge", base, PLAIN, "-o", tmp_path / "out")
-    assert r.exit_code == 1 and "double-quant" in r.stderr and name in r.stderr
-    assert not (tmp_path / "out").exists()
-    merged(cli_run, base, tmp_path / "deq", "--dtype", "bfloat16")
-    out = load_file(tmp_path / "deq" / "model.safetensors")
-    st.dtype = torch.float32
-    ref = F.dequantize_4bit(q, st)  # rows of 64: bitsandbytes' CPU kernel is right here
-    assert same_bits(out[name], (ref + deltas()[name]).to(torch.bfloat16))
 
 
 def test_savings_catalog_view_of_a_quantized_base(cli_run):
