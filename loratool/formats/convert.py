@@ -127,6 +127,11 @@ def convert(
         )
     ctx = WriteContext(component=component)
     source_format = adapter.meta.format or adapter.origin.get("format") or "?"
+    from .kohya import split_qkv_note
+
+    note = split_qkv_note(adapter, adapter.meta.source or "the adapter")
+    if note:
+        ctx.warn(note)
     if base is not None:
         adapter = resolve_keeping_components(adapter, base, to=to)
         ctx.base = None

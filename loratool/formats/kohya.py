@@ -17,6 +17,7 @@ the per-module alpha (alpha' = scale · r: rsLoRA, rank/alpha patterns), and the
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from pathlib import Path
@@ -148,6 +149,52 @@ def kohya_from_tensors(tensors: dict, metadata: dict, *, source: object) -> Adap
     return Adapter(modules, AdapterMeta(format="kohya"), origin)
 
 
+# sd-scripts' lora_flux split_qkv: the modules it splits (its own test on the kohya name) and
+# into how many parts (q, k, v; a single block's linear1 also the MLP)
+_SPLIT_QKV = ((("double", "qkv"), 3), (("single", "linear1"), 4))
+
+
+def split_qkv_modules(adapter: Adapter) -> dict[str, int]:
+    """The modules of an sd-scripts Flux LoRA trained with ``split_qkv=True`` (its
+    ``ss_network_args``), name → number of parts. sd-scripts trains q, k, v (and a single
+    block's MLP) as separate rank-r LoRAs at scale alpha/r, then saves them as one module of
+    the fused tensor (``LoRANetwork.state_dict``): A the parts' A's stacked (n·r rows), B their
+    B's on the diagonal, the same alpha. Every loader (ComfyUI, diffusers'
+    ``_convert_kohya_flux_lora_to_diffusers``, sd-scripts' own ``create_network_from_weights``,
+    ``flux_merge_lora`` and ``convert_flux_lora``) reads that as rank n·r, scale alpha/(n·r),
+    and so does loratool; ``split_qkv_note`` says so."""
+    meta = adapter.origin.get("kohya_metadata") or {}
+    try:
+        args = json.loads(meta.get("ss_network_args") or "null")
+    except (ValueError, RecursionError):
+        return {}
+    # create_network: split_qkv = True if split_qkv == "True" else False
+    if not isinstance(args, dict) or args.get("split_qkv") != "True":
+        return {}
+    out = {}
+    for name, m in adapter.modules.items():
+        if not name.startswith("lora_unet_"):
+            continue  # is_flux: the transformer's modules only
+        for words, n in _SPLIT_QKV:
+            if all(w in name for w in words) and m.rank % n == 0:
+                out[name] = n
+                break
+    return out
+
+
+def split_qkv_note(adapter: Adapter, label: object) -> str | None:
+    """One warning line for an adapter with ``split_qkv_modules``, else None."""
+    split = split_qkv_modules(adapter)
+    if not split:
+        return None
+    return (
+        f"{label}: {len(split)} modules were trained by sd-scripts with split_qkv (q, k, v and "
+        "the MLP each a rank-r LoRA at scale alpha/r) and saved as one module of rank n·r with "
+        "the same alpha: applied at alpha/(n·r), as ComfyUI, diffusers and sd-scripts' own "
+        "merge apply them, which is 1/n of the update it trained (sd-scripts issue #2204)"
+    )
+
+
 def flat_stem(name: str, components: set | None = None) -> str:
     """The kohya stem of a module name (kept as is when it already is one)."""
     if is_flat_stem(name):
@@ -236,8 +283,6 @@ def write_stamped(tensors: dict, meta: dict[str, str], dest: Path) -> None:
     body = data[8 + n :]
     meta = stamp_hashes(meta, body)
     entries = []
-    import json
-
     header = json.loads(data[8 : 8 + n])
     header.pop("__metadata__", None)
     for name, e in header.items():

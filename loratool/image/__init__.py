@@ -28,7 +28,7 @@ from ..formats.resolve import candidates, resolve
 from ..tensors.header import BaseIndex
 from .layouts import TEXT_ENCODERS, Layout, Piece, Target, detect
 
-__all__ = ["ResolvedParts", "component_of", "detect", "resolve_parts", "slice_rows"]
+__all__ = ["ResolvedParts", "compact", "component_of", "detect", "resolve_parts", "slice_rows"]
 
 # kohya / sd-scripts prefixes → pipeline component (longest first)
 KOHYA_COMPONENTS = (
@@ -80,7 +80,12 @@ def resolve_parts(
 
 
 def _resolve_image(adapter, base, layout: Layout, source, strict) -> ResolvedParts:
+    from ..formats.kohya import split_qkv_note
+
     out = ResolvedParts()
+    note = split_qkv_note(adapter, source or "the adapter")
+    if note:
+        out.warnings.append(note)
     for view_name, members in component_groups(adapter, layout, source, strict, out.warnings):
         _resolve_group(adapter, members, layout.views[view_name], base, source, out)
     return out
@@ -190,7 +195,7 @@ def _resolve_group(adapter, members, view, base, source, out: ResolvedParts) -> 
 
 def _place(mod, piece: Piece, base: BaseIndex, source, vname: str):
     if piece.src is not None:
-        mod = slice_rows(mod, *piece.src, source=source)
+        mod = compact(slice_rows(mod, *piece.src, source=source))
     mod = mod.with_name(piece.tensor)
     if piece.dst is not None:
         if not any(f.name == "target_rows" for f in dataclasses.fields(mod)):
@@ -227,3 +232,41 @@ def slice_rows(mod, lo: int, hi: int, *, source=None):
         file=source,
         tensor=m.name,
     )
+
+
+def compact(mod):
+    """``mod`` without the rank components that change nothing: the columns of a LoRA's B that
+    are all zero (with A's matching rows), alpha chosen so that the scale stays the same float.
+
+    Rows of a block-diagonal B have such columns: sd-scripts' Flux ``split_qkv`` saves q, k, v
+    (and a single block's MLP) as one module, A their stacked A's and B their B's on the
+    diagonal (``LoRANetwork.state_dict``), so the q rows of B use q's rank columns only. Their
+    ΔW is unchanged (the dropped terms are exact zeros); a module with no such column, or whose
+    scale no alpha at the smaller rank gives exactly, is returned as it is."""
+    from ..adapter import LoraModule
+
+    if not isinstance(mod, LoraModule) or mod.kind != "linear" or mod.magnitude is not None:
+        return mod
+    m = mod.materialized()
+    used = m.B.ne(0).any(dim=0)
+    keep = int(used.sum())
+    if keep in (0, m.rank):
+        return mod
+    alpha = _alpha_for(m, keep)
+    if alpha is None:
+        return mod
+    idx = used.nonzero().flatten()
+    return dataclasses.replace(m, A=m.A[idx].contiguous(), B=m.B[:, idx].contiguous(), alpha=alpha)
+
+
+def _alpha_for(m, rank: int) -> float | None:
+    """An alpha that gives ``m``'s scale at ``rank`` exactly (float64), or None."""
+    import math
+
+    div = math.sqrt(rank) if m.rslora else rank
+    want = m.scale
+    first = want * div
+    for alpha in (first, math.nextafter(first, math.inf), math.nextafter(first, -math.inf)):
+        if math.isfinite(alpha) and alpha / div == want:
+            return alpha
+    return None

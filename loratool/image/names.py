@@ -198,14 +198,16 @@ def _tiles(parts, whole) -> bool:
 
 
 def take_rows(mod, blocks: list[tuple[int, int]], *, source=None):
-    """A module whose ΔW is the rows ``blocks`` of ``mod``'s, concatenated in that order."""
-    from . import slice_rows
+    """A module whose ΔW is the rows ``blocks`` of ``mod``'s, concatenated in that order,
+    without the rank components those rows do not use (``image.compact``: the q rows of an
+    sd-scripts ``split_qkv`` module keep q's rank only)."""
+    from . import compact, slice_rows
 
     if len(blocks) == 1:
         lo, hi = blocks[0]
         if lo == 0 and hi == mod.base_shape[0]:
             return mod
-        return slice_rows(mod, lo, hi, source=source)
+        return compact(slice_rows(mod, lo, hi, source=source))
     import torch
 
     parts = [slice_rows(mod, lo, hi, source=source) for lo, hi in blocks]
@@ -214,4 +216,4 @@ def take_rows(mod, blocks: list[tuple[int, int]], *, source=None):
         raise ValidationError(
             f"a {mod.label} module's rows cannot be reordered", file=source, tensor=mod.name
         )
-    return dataclasses.replace(first, B=torch.cat([p.B for p in parts]).contiguous())
+    return compact(dataclasses.replace(first, B=torch.cat([p.B for p in parts]).contiguous()))
