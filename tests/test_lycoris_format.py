@@ -324,3 +324,31 @@ def test_unknown_or_partial_files_are_refused_in_one_line(tensors, message, tmp_
     assert message in one_line(exc.value)
     r = cli_run("inspect-rank", path)
     assert r.exit_code == 1 and message in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_written_prefixes_know_every_component(tmp_path):
+    """The LyCORIS writer names text encoders as the kohya writer does, knowing the adapter's
+    other components (two encoders: lora_te1_/lora_te2_, never lora_te_ beside lora_te2_), and
+    keeps sd-scripts' lora_unet_ for SD3's context_embedder beside MMDiT-named modules."""
+    from loratool.adapter import Adapter, LohaModule
+
+    def loha(name, out=4, inp=3):
+        g = torch.Generator().manual_seed(len(name))
+        w = [torch.randn(s, generator=g) for s in ((out, 2), (2, inp), (out, 2), (2, inp))]
+        return LohaModule(name, "linear", *w, alpha=1.0)
+
+    names = [
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.weight",
+        "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.weight",
+        "transformer.joint_blocks.0.x_block.attn.proj.weight",
+        "transformer.context_embedder.weight",
+    ]
+    adapter = Adapter({n: loha(n) for n in names})
+    out = save_adapter(adapter, tmp_path / "x.safetensors", "lycoris")
+    stems = {k.split(".")[0] for k in load_file(out)}
+    assert stems == {
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj",
+        "lora_unet_joint_blocks_0_x_block_attn_proj",
+        "lora_unet_context_embedder",
+    }

@@ -149,13 +149,14 @@ def kohya_from_tensors(tensors: dict, metadata: dict, *, source: object) -> Adap
     return Adapter(modules, AdapterMeta(format="kohya"), origin)
 
 
-# sd-scripts' lora_flux split_qkv: the modules it splits (its own test on the kohya name) and
-# into how many parts (q, k, v; a single block's linear1 also the MLP)
-_SPLIT_QKV = ((("double", "qkv"), 3), (("single", "linear1"), 4))
+# sd-scripts' split_qkv: the modules it splits (its own tests on the kohya name) and into how
+# many parts: lora_flux's double-block qkv (q, k, v) and single-block linear1 (q, k, v, MLP),
+# lora_sd3's joint-block qkv (its x_block's and context_block's attn / attn2)
+_SPLIT_QKV = ((("double", "qkv"), 3), (("single", "linear1"), 4), (("joint_blocks", "qkv"), 3))
 
 
 def split_qkv_modules(adapter: Adapter) -> dict[str, int]:
-    """The modules of an sd-scripts Flux LoRA trained with ``split_qkv=True`` (its
+    """The modules of an sd-scripts Flux or SD3 LoRA trained with ``split_qkv=True`` (its
     ``ss_network_args``), name → number of parts. sd-scripts trains q, k, v (and a single
     block's MLP) as separate rank-r LoRAs at scale alpha/r, then saves them as one module of
     the fused tensor (``LoRANetwork.state_dict``): A the parts' A's stacked (n·r rows), B their
@@ -195,14 +196,28 @@ def split_qkv_note(adapter: Adapter, label: object) -> str | None:
     )
 
 
-def flat_stem(name: str, components: set | None = None) -> str:
-    """The kohya stem of a module name (kept as is when it already is one)."""
+def flat_stem(name: str, components: set | None = None, *, original: bool = False) -> str:
+    """The kohya stem of a module name (kept as is when it already is one); ``original``: see
+    ``naming.kohya_prefix``."""
     if is_flat_stem(name):
         return name
     mid = naming.parse(name)
     comps = components if components is not None else {mid.component}
     path = naming.kohya_path(mid.component, mid.path or mid.flat)
-    return naming.kohya_prefix(mid.component, mid.path, comps) + naming.flatten(path)
+    prefix = naming.kohya_prefix(mid.component, mid.path, comps, original=original)
+    return prefix + naming.flatten(path)
+
+
+def stem_namer(adapter: Adapter):
+    """name → kohya stem for the modules of ``adapter``: prefixes chosen knowing every
+    component it has (SDXL / Flux / SD3 number their text encoders) and whether its
+    transformer modules use the original layout's names."""
+    ids = [naming.parse(n) for n in adapter.modules]
+    components = {mid.component for mid in ids}
+    original = naming.original_transformer(
+        mid.path for mid in ids if mid.component == "transformer"
+    )
+    return lambda name: flat_stem(name, components, original=original)
 
 
 def _alpha_tensor(value: float, tag: str | None, shape: list):
@@ -223,7 +238,7 @@ def kohya_parts(adapter: Adapter, ctx: WriteContext | None = None) -> tuple[dict
     origin = adapter.origin
     tag = origin.get("kohya_alpha_dtype")
     shape = origin.get("kohya_alpha_shape", []) or []
-    components = {naming.parse(n).component for n in adapter.modules}
+    stem_of = stem_namer(adapter)
     out: dict = {}
     owner: dict[str, str] = {}
     for m in adapter.modules.values():
@@ -233,7 +248,7 @@ def kohya_parts(adapter: Adapter, ctx: WriteContext | None = None) -> tuple[dict
             A, B = m.B.T.contiguous(), m.A.T.contiguous()
         else:
             A, B = m.A, m.B
-        stem = flat_stem(m.name, components)
+        stem = stem_of(m.name)
         if stem in owner:
             raise ValidationError(
                 f"both {owner[stem]} and {m.name} flatten to the kohya name {stem}", tensor=m.name

@@ -221,12 +221,6 @@ def _module(stem: str, parts: dict, source):
 # -- writing ------------------------------------------------------------------------------------
 
 
-def _stem(name: str) -> str:
-    from .kohya import flat_stem
-
-    return flat_stem(name)
-
-
 def lycoris_parts(adapter: Adapter) -> tuple[dict, dict]:
     """The tensors and metadata of a LyCORIS file holding ``adapter``."""
 
@@ -238,6 +232,9 @@ def lycoris_parts(adapter: Adapter) -> tuple[dict, dict]:
         raise ValidationError(
             "a LyCORIS file holds no whole-tensor operations", tensor=op, hint="export as PEFT"
         )
+    from .kohya import stem_namer
+
+    stem_of = stem_namer(adapter)
     out: dict = {}
     owner: dict[str, str] = {}
     for m in adapter.modules.values():
@@ -245,7 +242,7 @@ def lycoris_parts(adapter: Adapter) -> tuple[dict, dict]:
             raise ValidationError(
                 "a LyCORIS file cannot say that ΔW covers rows of a fused tensor", tensor=m.name
             )
-        stem = _stem(m.name)
+        stem = stem_of(m.name)
         if stem in owner:
             raise ValidationError(
                 f"both {owner[stem]} and {m.name} flatten to {stem}", tensor=m.name

@@ -76,6 +76,10 @@ ROOTS = {
         "vector_in",
         "guidance_in",
         "final_layer",
+        # the original SD3 (SAI MMDiT) layout
+        "joint_blocks",
+        "t_embedder",
+        "y_embedder",
     ),
     "text_encoder": ("text_model",),
 }
@@ -91,6 +95,10 @@ DIFFUSERS_TRANSFORMER_ROOTS = (
     "proj_out",
     "pos_embed",
 )
+# roots both namings of a transformer have (diffusers Flux's x_embedder / context_embedder;
+# the original SD3 MMDiT's x_embedder.proj / context_embedder): the adapter's other modules
+# tell which naming it uses (``original_transformer``)
+SHARED_TRANSFORMER_ROOTS = ("x_embedder", "context_embedder")
 _CLIP_FLAT = re.compile(r"^encoder\.layers\.\d+\.")
 _T5_PATH = re.compile(r"^(encoder\.)?block\.\d+\.layer\.\d+\.")
 
@@ -111,7 +119,7 @@ COMPOUNDS = frozenset(
     k_proj v_proj out_proj o_proj final_layer_norm token_embedding position_embedding
     text_projection gate_proj up_proj down_proj embed_tokens lm_head c_attn c_proj c_fc
     gate_up_proj qkv_proj wi_0 wi_1 relative_attention_bias query_key_value dense_h_to_4h
-    dense_4h_to_h
+    dense_4h_to_h joint_blocks x_block context_block t_embedder y_embedder
     """.split()
 )
 WORDS = frozenset(
@@ -210,13 +218,29 @@ def is_t5_path(path: str | None) -> bool:
     return bool(path and _T5_PATH.match(path))
 
 
-def kohya_prefix(component: str | None, path: str | None, components: set[str | None]) -> str:
+def original_transformer(paths) -> bool:
+    """Whether transformer module paths are in an original layout's names (BFL's
+    ``double_blocks``, SD3 MMDiT's ``joint_blocks``…) rather than diffusers'."""
+    heads = {p.split(".", 1)[0] for p in paths if p}
+    return any(h in ROOTS["transformer"] and h not in DIFFUSERS_TRANSFORMER_ROOTS for h in heads)
+
+
+def kohya_prefix(
+    component: str | None,
+    path: str | None,
+    components: set[str | None],
+    *,
+    original: bool = False,
+) -> str:
     """The kohya prefix sd-scripts / ComfyUI expect for a module of ``component``, given every
     component the adapter has (SDXL and Flux/SD3 number their text encoders).
 
     T5 is ``lora_te3_`` wherever a pipeline puts it: sd-scripts' ``lora_flux.py`` and
     ``lora_sd3.py`` both name it ``LORA_PREFIX_TEXT_ENCODER_T5 = "lora_te3"``, while diffusers'
-    Flux pipeline holds it as ``text_encoder_2`` (SD3's as ``text_encoder_3``)."""
+    Flux pipeline holds it as ``text_encoder_2`` (SD3's as ``text_encoder_3``).
+
+    ``original``: the adapter names its transformer modules in the original layout, so the
+    roots both layouts share go under ``lora_unet_`` with the rest."""
     if component == "text_encoder":
         numbered = {"text_encoder_2", "text_encoder_3", "transformer"} & components
         return "lora_te1_" if numbered else "lora_te_"
@@ -228,5 +252,7 @@ def kohya_prefix(component: str | None, path: str | None, components: set[str | 
         return "lora_te3_"
     if component == "transformer":
         head = (path or "").split(".", 1)[0]
+        if original and head in SHARED_TRANSFORMER_ROOTS:
+            return "lora_unet_"  # sd-scripts' lora_sd3: lora_unet_context_embedder
         return "lora_transformer_" if head in DIFFUSERS_TRANSFORMER_ROOTS else "lora_unet_"
     return "lora_unet_"

@@ -10,8 +10,8 @@ module or operation) pair to apply. For a base that is not an image model it is
   whose names it matches;
 - the modules of one component are resolved against that component's view (``formats.resolve``
   on names as adapters use them), so SDXL's two text encoders never mix;
-- a module whose view target is rows of a fused tensor (q, k, v in Flux's ``qkv`` or OpenCLIP's
-  ``in_proj_weight``) gets ``target_rows`` (merge op ``slice``); one whose ΔW spreads over
+- a module whose view target is rows of a fused tensor (q, k, v in Flux's or SD3's ``qkv`` or
+  OpenCLIP's ``in_proj_weight``) gets ``target_rows`` (merge op ``slice``); one whose ΔW spreads over
   several tensors or swapped halves is split by rows (``slice_rows``);
 - modules of a component the base does not hold (a text encoder's, with a UNet file alone) are
   skipped and reported in one warning per component, or refused with ``strict``.

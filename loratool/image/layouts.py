@@ -7,7 +7,9 @@ A base is recognised from its tensor names (headers only):
   or T5 text encoder;
 - an original single file: Stable Diffusion 1/2 (``model.diffusion_model.…``,
   ``cond_stage_model.…``), SDXL (``conditioner.embedders.0/1.…``), Flux in BFL's names
-  (``double_blocks.N.img_attn.qkv``, possibly behind ``model.diffusion_model.``).
+  (``double_blocks.N.img_attn.qkv``, possibly behind ``model.diffusion_model.``), SD3 / SD3.5
+  in SAI's MMDiT names (``joint_blocks.N.x_block.attn.qkv``, its text encoders under
+  ``text_encoders.clip_l/clip_g/t5xxl.transformer.``).
 
 A *view* maps every name an adapter may use for a tensor of one component (the file's own
 names, and the other layout's names via ``maps.py``) to a ``Target``: the shape the module's ΔW
@@ -58,7 +60,7 @@ View = dict  # name as adapters use it → Target
 
 @dataclass
 class Layout:
-    kind: str  # pipeline | unet | transformer | text_encoder | sd1 | sd2 | sdxl | flux-bfl
+    kind: str  # pipeline | unet | transformer | text_encoder | sd1 | sd2 | sdxl | flux-bfl | sd3
     views: dict[str, View]
     # pipeline components that cannot be merged into, and why
     closed: dict[str, str] = field(default_factory=dict)
@@ -181,8 +183,41 @@ def add_flux_aliases(view: View, original_names: bool) -> None:
     hidden = _flux_hidden(view, original_names)
     if not hidden:
         return
+    add_fused_aliases(view, list(_flux_rules(view, original_names)), hidden, original_names)
+
+
+def _sd3_rules(view: View, original_names: bool):
+    """Each SD3 rule instantiated for the joint blocks the view has: (diffusers, MMDiT, rows).
+    A joint block's context modulation is the last block's pre-only one (its halves swapped)
+    when it has 2 chunks (rows = 2 × its input width) instead of 6."""
+    pattern = r"joint_blocks\.(\d+)\." if original_names else r"transformer_blocks\.(\d+)\."
+    blocks = sorted({int(m.group(1)) for n in view if (m := re.match(pattern, n))})
+    yield from maps.SD3_TOP
+    for i in blocks:
+        for d, b, rows in maps.SD3_JOINT:
+            yield d.format(i=i), b.format(i=i), rows
+        d, b = (x.format(i=i) for x in maps.SD3_CONTEXT_MOD)
+        t = view.get((b if original_names else d) + ".weight")
+        if t is None:
+            continue
+        pre_only = len(t.shape) == 2 and t.shape[0] == 2 * t.shape[1]
+        yield d, b, ("swap",) if pre_only else None
+
+
+def add_sd3_aliases(view: View, original_names: bool) -> frozenset[str]:
+    """diffusers names for SAI's MMDiT (SD3 / SD3.5 original), or MMDiT names for a diffusers
+    SD3Transformer2DModel; returns the view's diffusers names (``context_embedder`` is one
+    name in both)."""
+    return add_fused_aliases(view, list(_sd3_rules(view, original_names)), 0, original_names)
+
+
+def add_fused_aliases(view: View, rules, hidden: int, original_names: bool) -> frozenset[str]:
+    """The other naming for a view, from (diffusers, original, rows) rules (``maps.py``):
+    several diffusers tensors may be rows of one original tensor, or its halves swapped.
+    Returns, for a view in the original names, the diffusers names it now has."""
+    named: set[str] = set()
     groups: dict[str, list] = {}
-    for d, b, rows in _flux_rules(view, original_names):
+    for d, b, rows in rules:
         groups.setdefault(b, []).append((d, rows))
     for b, members in groups.items():
         b_name = b + ".weight"
@@ -191,6 +226,7 @@ def add_flux_aliases(view: View, original_names: bool) -> None:
             if t is None:
                 continue
             for d, rows in members:
+                named.add(d + ".weight")
                 if rows is None:
                     view.setdefault(d + ".weight", t)
                     continue
@@ -232,14 +268,15 @@ def add_flux_aliases(view: View, original_names: bool) -> None:
                 start += n
             t0 = parts[0][0]
             view.setdefault(b_name, Target((start, *t0.shape[1:]), t0.is_float, tuple(pieces)))
+    return frozenset(named)
 
 
 # -- recognising a base --------------------------------------------------------------------------
 
 
 def classify(keys) -> str | None:
-    """What one component's keys are: unet, unet-ldm, flux, flux-bfl, transformer,
-    text_encoder (CLIP / T5), or None (not an image-model component)."""
+    """What one component's keys are: unet, unet-ldm, flux, flux-bfl, sd3, sd3-mmdit,
+    transformer, text_encoder (CLIP / T5), or None (not an image-model component)."""
     ks = list(keys)
     if any(k.startswith(("input_blocks.", "output_blocks.")) for k in ks):
         return "unet-ldm"
@@ -249,6 +286,12 @@ def classify(keys) -> str | None:
         return "flux-bfl"
     if any(k.startswith("single_transformer_blocks.") for k in ks):
         return "flux"
+    if any(re.match(r"joint_blocks\.\d+\.x_block\.attn\.qkv\.weight$", k) for k in ks):
+        return "sd3-mmdit"
+    if any(re.match(r"transformer_blocks\.\d+\.attn\.add_q_proj\.weight$", k) for k in ks) and any(
+        k.startswith("pos_embed.proj.") for k in ks
+    ):
+        return "sd3"
     if any(k.startswith(("transformer_blocks.", "joint_blocks.")) for k in ks) and any(
         k.startswith(("pos_embed.", "x_embedder.", "context_embedder.")) for k in ks
     ):
@@ -280,6 +323,12 @@ def _component_view(base: BaseIndex, keys, prefix: str):
     if kind in ("flux", "flux-bfl"):
         add_flux_aliases(view, kind == "flux-bfl")
         return "transformer", view, _diffusers_keys(view, own, kind == "flux-bfl")
+    if kind == "sd3":
+        add_sd3_aliases(view, False)
+        return "transformer", view, own
+    if kind == "sd3-mmdit":
+        named = add_sd3_aliases(view, True)
+        return "transformer", view, _diffusers_keys(view, own, True) | named
     return kind, view, own
 
 
@@ -313,6 +362,12 @@ def detect(base: BaseIndex) -> Layout | None:
             {"transformer": view},
             canonical={"transformer": _diffusers_keys(view, own, True)},
         )
+    mmdit = next(
+        (k for k in keys if re.search(r"(^|\.)joint_blocks\.0\.x_block\.attn\.qkv\.weight$", k)),
+        None,
+    )
+    if mmdit is not None:
+        return _sd3_file(base, keys, mmdit[: mmdit.index("joint_blocks.0.")])
     component, view, own = _component_view(base, keys, "")
     if component is None:
         return None
@@ -346,3 +401,27 @@ def _sd_family(base: BaseIndex, keys) -> Layout:
         if any(k.startswith(SD1_CLIP) for k in keys):
             views["text_encoder"] = native(base, SD1_CLIP)
     return Layout(kind, views, canonical=canonical)
+
+
+# SD3's original single file: its text encoders in transformers' names behind these prefixes
+# (diffusers' single_file_utils reads them from there), as a pipeline names them
+SD3_TEXT_ENCODERS = (
+    ("text_encoder", "text_encoders.clip_l.transformer."),
+    ("text_encoder_2", "text_encoders.clip_g.transformer."),
+    ("text_encoder_3", "text_encoders.t5xxl.transformer."),
+)
+
+
+def _sd3_file(base: BaseIndex, keys, prefix: str) -> Layout:
+    """An SD3 / SD3.5 original single file: the MMDiT (``joint_blocks.N.x_block.…``, usually
+    behind ``model.diffusion_model.``) and the text encoders it includes."""
+    view = native(base, prefix, [k for k in keys if k.startswith(prefix)] if prefix else None)
+    own = frozenset(view)
+    named = add_sd3_aliases(view, True)
+    views = {"transformer": view}
+    canonical = {"transformer": _diffusers_keys(view, own, True) | named}
+    for component, te_prefix in SD3_TEXT_ENCODERS:
+        if any(k.startswith(te_prefix) for k in keys):
+            views[component] = native(base, te_prefix)
+            canonical[component] = frozenset(views[component])
+    return Layout("sd3", views, canonical=canonical)

@@ -5,8 +5,10 @@ The tables were read from the converters that define them: diffusers
 ``loaders/single_file_utils.py`` (``DIFFUSERS_TO_LDM_MAPPING``, ``convert_ldm_unet_checkpoint``,
 ``convert_open_clip_checkpoint``, ``convert_flux_transformer_checkpoint_to_diffusers``) and
 sd-scripts ``library/model_util.py`` / ``sdxl_model_util.py`` (the same UNet and OpenCLIP
-renames), ``networks/flux_merge_lora.py`` (the Flux q/k/v slices). Tests check them against
-diffusers' own converters on tiny models.
+renames), ``networks/flux_merge_lora.py`` (the Flux q/k/v slices), and for SD3 diffusers'
+``convert_sd3_transformer_checkpoint_to_diffusers`` (sd-scripts' ``lora_sd3.py`` names its
+modules after the original MMDiT, ``lora_unet_joint_blocks_0_x_block_attn_qkv``). Tests check
+them against diffusers' own converters on tiny models.
 
 Every rule is ``(diffusers / transformers name, original name, rows)``: ``rows`` is None for a
 whole tensor, or says which rows of the original tensor the diffusers one is: ``("part", i, n)``
@@ -207,6 +209,62 @@ FLUX_TOP = (
     ("time_text_embed.text_embedder.linear_2", "vector_in.out_layer", None),
     ("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer", None),
     ("time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer", None),
+    ("proj_out", "final_layer.linear", None),
+    ("norm_out.linear", "final_layer.adaLN_modulation.1", ("swap",)),
+)
+
+
+# -- SD3 / SD3.5: SAI's MMDiT (original) ↔ diffusers SD3Transformer2DModel ----------------------------
+
+SD3_JOINT = (  # {i}: joint block
+    ("transformer_blocks.{i}.attn.to_q", "joint_blocks.{i}.x_block.attn.qkv", ("part", 0, 3)),
+    ("transformer_blocks.{i}.attn.to_k", "joint_blocks.{i}.x_block.attn.qkv", ("part", 1, 3)),
+    ("transformer_blocks.{i}.attn.to_v", "joint_blocks.{i}.x_block.attn.qkv", ("part", 2, 3)),
+    (
+        "transformer_blocks.{i}.attn.add_q_proj",
+        "joint_blocks.{i}.context_block.attn.qkv",
+        ("part", 0, 3),
+    ),
+    (
+        "transformer_blocks.{i}.attn.add_k_proj",
+        "joint_blocks.{i}.context_block.attn.qkv",
+        ("part", 1, 3),
+    ),
+    (
+        "transformer_blocks.{i}.attn.add_v_proj",
+        "joint_blocks.{i}.context_block.attn.qkv",
+        ("part", 2, 3),
+    ),
+    ("transformer_blocks.{i}.attn.to_out.0", "joint_blocks.{i}.x_block.attn.proj", None),
+    ("transformer_blocks.{i}.attn.to_add_out", "joint_blocks.{i}.context_block.attn.proj", None),
+    # SD3.5's dual-attention blocks
+    ("transformer_blocks.{i}.attn2.to_q", "joint_blocks.{i}.x_block.attn2.qkv", ("part", 0, 3)),
+    ("transformer_blocks.{i}.attn2.to_k", "joint_blocks.{i}.x_block.attn2.qkv", ("part", 1, 3)),
+    ("transformer_blocks.{i}.attn2.to_v", "joint_blocks.{i}.x_block.attn2.qkv", ("part", 2, 3)),
+    ("transformer_blocks.{i}.attn2.to_out.0", "joint_blocks.{i}.x_block.attn2.proj", None),
+    ("transformer_blocks.{i}.norm1.linear", "joint_blocks.{i}.x_block.adaLN_modulation.1", None),
+    ("transformer_blocks.{i}.ff.net.0.proj", "joint_blocks.{i}.x_block.mlp.fc1", None),
+    ("transformer_blocks.{i}.ff.net.2", "joint_blocks.{i}.x_block.mlp.fc2", None),
+    (
+        "transformer_blocks.{i}.ff_context.net.0.proj",
+        "joint_blocks.{i}.context_block.mlp.fc1",
+        None,
+    ),
+    ("transformer_blocks.{i}.ff_context.net.2", "joint_blocks.{i}.context_block.mlp.fc2", None),
+)
+# the context modulation of a joint block: a full one (6 chunks, same order in both), or the
+# last block's pre-only one (2 chunks: the original's shift, scale are diffusers' scale, shift)
+SD3_CONTEXT_MOD = (
+    "transformer_blocks.{i}.norm1_context.linear",
+    "joint_blocks.{i}.context_block.adaLN_modulation.1",
+)
+SD3_TOP = (
+    ("pos_embed.proj", "x_embedder.proj", None),
+    ("context_embedder", "context_embedder", None),
+    ("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0", None),
+    ("time_text_embed.timestep_embedder.linear_2", "t_embedder.mlp.2", None),
+    ("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0", None),
+    ("time_text_embed.text_embedder.linear_2", "y_embedder.mlp.2", None),
     ("proj_out", "final_layer.linear", None),
     ("norm_out.linear", "final_layer.adaLN_modulation.1", ("swap",)),
 )
