@@ -421,6 +421,65 @@ def _verify_download(entry, path: Path, snapshot: Path, commit: str, label: str,
     )
 
 
+def download_verified(
+    repo_id: str,
+    entry,
+    *,
+    commit: str,
+    label: str,
+    token: str | None = None,
+    tqdm_class: type | None = None,
+) -> Path:
+    """One file of a pinned commit through the Hugging Face cache, its bytes checked against
+    the hash the Hub's listing promises for it (``entry``: the file's ``RepoFile`` at
+    ``commit``): the LFS sha256, else the git blob id, as :func:`pull_files` checks them.
+
+    A file this call downloads is hashed (streaming) before its path is returned, and refused
+    and removed from the cache when it does not match. A file already in the cache is not
+    hashed again when huggingface_hub filed it under that very hash: the cache names a blob by
+    the ETag it was downloaded under (``blobs/<sha256>`` for an LFS file, ``blobs/<git blob
+    id>`` otherwise), so a blob whose name is the promised hash and whose size is the promised
+    size is the one checked when it came down; any other cached file is hashed.
+    """
+    from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import constants as hf_constants
+
+    api = HfApi(token=token)
+    kind, promised = _promised(entry, label)
+    with _hub_errors(label, api.endpoint, token):
+        cached = try_to_load_from_cache(repo_id, entry.path, revision=commit)
+        if not isinstance(cached, str):
+            _check_metadata(api, repo_id, commit, entry, token, label)
+        path = Path(
+            hf_hub_download(
+                repo_id,
+                entry.path,
+                revision=commit,
+                token=token,
+                etag_timeout=hf_constants.HF_HUB_ETAG_TIMEOUT,
+                endpoint=api.endpoint,
+                tqdm_class=tqdm_class or _quiet_tqdm(),
+            )
+        )
+    if isinstance(cached, str) and _filed_as_promised(path, promised, entry.size):
+        return path
+    _verify_download(entry, path, path.parent, commit, label, None)
+    return path
+
+
+def _filed_as_promised(path: Path, promised: str, size: int) -> bool:
+    """Whether a cached file is a link to the blob named by the promised hash, of the promised
+    size (huggingface_hub's content-addressed cache: no need to read it again)."""
+    try:
+        if not path.is_symlink():
+            return False
+        real = path.resolve(strict=True)
+        blobs = path.parent.parent.parent.resolve(strict=True) / "blobs"
+        return real.name == promised and real.parent == blobs and real.stat().st_size == size
+    except OSError:
+        return False
+
+
 class _Null:
     def __enter__(self):
         return self

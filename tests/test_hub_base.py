@@ -209,3 +209,89 @@ def test_pull_checks_for_an_adapter_before_downloading(alice, cli_run):
     host(alice, "alice/style", {"style.safetensors": kohya})
     assert cli_run("pull", "alice/style", "--task", "t").exit_code == 0
     assert downloads(alice, "alice/style") == ["style.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "lfs, target",
+    [(True, "model.safetensors"), (False, "model.safetensors"), (False, "config.json")],
+    ids=["lfs-sha256", "git-blob-id", "config"],
+)
+def test_a_base_file_that_differs_from_its_advertised_hash_is_refused(
+    alice, cli_run, tmp_path, monkeypatch, lfs, target
+):
+    """What is downloaded is what was promised: the bytes served differ from the hash the
+    listing advertises (same length, one byte off, so only a hash can tell)."""
+    import hashlib
+
+    from hubserver import git_blob_oid
+
+    import loratool.hub
+
+    alice.server.lfs = lfs
+    files = model_repo(FIX / "llama")
+    host(alice, "alice/tiny-llama", files)
+    good = files[target]
+    bad = bytearray(good)
+    bad[-2] ^= 0x01  # config.json's last byte is a newline; this keeps it JSON-ish
+    alice.server.tamper[target] = bytes(bad)
+    out = tmp_path / "merged"
+    r = cli_run("merge", "alice/tiny-llama", PLAIN, "-o", out)
+    assert r.exit_code == 1 and r.stderr.startswith("error: alice/tiny-llama: "), r.output
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    kind = "sha256" if lfs else "git-sha1"
+    promised = hashlib.sha256(good).hexdigest() if lfs else git_blob_oid(good)
+    assert f"downloaded {target} " in r.stderr
+    assert f"does not match the {kind} the Hub promised ({promised[:12]}" in r.stderr
+    assert "removed from the cache" in r.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == [alice.hf_home]
+    # nothing of the bad bytes is left in the cache, under the promised name or any other
+    cache = [p for p in (alice.hf_home / "hub").rglob("*") if p.is_file() or p.is_symlink()]
+    for p in cache:
+        assert p.name != promised or not p.exists(), p
+        if p.is_file() and not p.is_symlink():
+            assert p.read_bytes() != bytes(bad), p
+    # the same refusal for a command that reads headers only, when what it needs is tampered
+    if target == "config.json":
+        r = cli_run("savings", "--base", "alice/tiny-llama", "--rank", "8", "--json")
+        assert r.exit_code == 1 and "removed from the cache" in r.stderr, r.output
+    # an honest server: the merge works; a second one finds the verified blobs in the cache
+    # and neither downloads nor hashes them again
+    alice.server.tamper.clear()
+    assert cli_run("merge", "alice/tiny-llama", PLAIN, "-o", out).exit_code == 0
+    hashed: list[str] = []
+    verify = loratool.hub._verify_download
+    monkeypatch.setattr(
+        loratool.hub,
+        "_verify_download",
+        lambda entry, *a: (hashed.append(entry.path), verify(entry, *a))[1],
+    )
+    before = len(downloads(alice, "alice/tiny-llama"))
+    assert cli_run("merge", "alice/tiny-llama", PLAIN, "-o", tmp_path / "again").exit_code == 0
+    assert len(downloads(alice, "alice/tiny-llama")) == before and hashed == []
+    # a cached file that is not filed under its promised hash is hashed (and refused if bad)
+    snap = next((alice.hf_home / "hub").glob("models--alice--tiny-llama/snapshots/*"))
+    link = snap / target
+    blob = link.resolve()
+    link.unlink()
+    link.write_bytes(bytes(bad))  # a plain file, as HF_HUB_DISABLE_SYMLINKS leaves them
+    r = cli_run("merge", "alice/tiny-llama", PLAIN, "-o", tmp_path / "third")
+    assert r.exit_code == 1 and "removed from the cache" in r.stderr, r.output
+    assert hashed == [target] and not link.exists() and blob.exists()
+    assert not (tmp_path / "third").exists()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"X-Repo-Commit": "0" * 40}, {"ETag": '"../../../../escape"'}, {"ETag": '"not-a-hash"'}],
+    ids=["other-commit", "etag-traversal", "etag-not-a-hash"],
+)
+def test_bad_resolve_headers_for_a_base_are_refused_before_any_write(
+    alice, cli_run, tmp_path, headers
+):
+    host(alice, "alice/tiny-llama", model_repo(FIX / "llama"))
+    alice.server.resolve_headers.update(headers)
+    r = cli_run("merge", "alice/tiny-llama", PLAIN, "-o", tmp_path / "o")
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.output
+    assert "refused" in r.stderr and r.stderr.startswith("error: alice/tiny-llama: ")
+    assert not list(tmp_path.rglob("escape*")) and not (tmp_path / "o").exists()
+    assert not [p for p in (alice.hf_home / "hub").rglob("blobs/*")]

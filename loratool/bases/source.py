@@ -10,7 +10,11 @@ id. Anything else of the form ``OWNER/NAME[@REV]`` (checked by huggingface_hub's
    (``HfApi.parse_safetensors_file_metadata``), config.json and the shard index downloaded (a
    few KB): a command checks everything it can from these before any weight is downloaded;
 3. only the files the command reads are downloaded, into the Hugging Face cache
-   (``HF_HOME`` / ``HF_HUB_CACHE``), where the next command — or transformers — finds them.
+   (``HF_HOME`` / ``HF_HUB_CACHE``), where the next command — or transformers — finds them;
+   each one's bytes are hashed as it comes down and must be what the listing promised (the LFS
+   sha256, else the git blob id) before anything reads it (``hub.download_verified``, as
+   ``pull`` checks its files): a mismatch is refused in one line and removed from the cache.
+   A later command finds it in the cache filed under that hash and does not hash it again.
 
 What "the files the command reads" are (``need``):
 
@@ -73,6 +77,9 @@ class HubModel:
     files: dict[str, int]  # top-level file name → size in bytes
     weights: tuple[str, ...]  # the safetensors files of the layout
     index: str | None  # the shard index, when sharded
+    # top-level file name → its listing entry (huggingface_hub's RepoFile: the LFS sha256 or
+    # git blob id every download is checked against)
+    entries: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -161,15 +168,17 @@ def locate(spec: str, *, token: str | None = None) -> HubModel:
                 hint="check HF_ENDPOINT",
             )
         files: dict[str, int] = {}
+        entries: dict[str, RepoFile] = {}
         for entry in api.list_repo_tree(repo_id, revision=commit, recursive=False):
             if isinstance(entry, RepoFile) and isinstance(entry.size, int) and entry.size >= 0:
                 if "/" not in entry.path and ".." not in entry.path:
                     files[entry.path] = entry.size
-    hub = _layout(repo_id, revision, commit, files, label, token)
+                    entries[entry.path] = entry
+    hub = _layout(repo_id, revision, commit, files, entries, label, token)
     return hub
 
 
-def _layout(repo_id, revision, commit, files, label, token) -> HubModel:
+def _layout(repo_id, revision, commit, files, entries, label, token) -> HubModel:
     """The weight files of the layout read_base would read in a folder holding these files
     (the index first, then model.safetensors, then a single *.safetensors); config.json and
     the index are downloaded (they are small, and the index names the shards)."""
@@ -182,7 +191,7 @@ def _layout(repo_id, revision, commit, files, label, token) -> HubModel:
             hint=f"download it (`hf download {repo_id}`) and give the folder",
         )
     index = next((n for n in INDEX_NAMES if n in files), None)
-    hub = HubModel(repo_id, revision, commit, files, (), index)
+    hub = HubModel(repo_id, revision, commit, files, (), index, entries)
     for name in hub.wanted("headers"):
         _download(hub, name, token, None)
     if index is not None:
@@ -220,7 +229,7 @@ def _layout(repo_id, revision, commit, files, label, token) -> HubModel:
                 hint="loratool reads safetensors bases only",
             )
         weights = (single,)
-    return HubModel(repo_id, revision, commit, files, weights, index)
+    return HubModel(repo_id, revision, commit, files, weights, index, entries)
 
 
 def snapshot_dir(hub: HubModel) -> Path:
@@ -232,30 +241,19 @@ def snapshot_dir(hub: HubModel) -> Path:
 
 
 def _download(hub: HubModel, name: str, token, progress: Progress | None) -> Path:
-    from huggingface_hub import constants as hf_constants
-    from huggingface_hub import hf_hub_download
+    """One file of the pinned commit, downloaded into the cache unless it is there, its bytes
+    checked against the hash the listing promised before anyone reads it (``hub.download_
+    verified``: a mismatch is refused in one line and removed from the cache)."""
+    from ..hub import download_verified, progress_tqdm
 
-    from ..hub import _hub_errors, progress_tqdm
-
-    with _hub_errors(hub.label, hf_constants.ENDPOINT, token):
-        path = Path(
-            hf_hub_download(
-                hub.repo_id,
-                name,
-                revision=hub.commit,
-                token=token,
-                etag_timeout=hf_constants.HF_HUB_ETAG_TIMEOUT,
-                tqdm_class=progress_tqdm(progress, f"{hub.repo_id}: {name}"),
-            )
-        )
-    size = path.stat().st_size
-    if size != hub.files.get(name, size):
-        raise HubError(
-            f"downloaded {name} is {size} bytes; the Hub lists {hub.files[name]}: refused",
-            file=hub.label,
-            hint="retry; if it persists, the endpoint or something between is altering files",
-        )
-    return path
+    return download_verified(
+        hub.repo_id,
+        hub.entries[name],
+        commit=hub.commit,
+        label=hub.label,
+        token=token,
+        tqdm_class=progress_tqdm(progress, f"{hub.repo_id}: {name}"),
+    )
 
 
 def remote_index(hub: HubModel, *, token: str | None = None) -> BaseIndex:
