@@ -45,7 +45,7 @@ COMMANDS = [
     ["--help"],
 ]
 if importlib.util.find_spec("loratool.cli.savings_cmd") is not None:
-    COMMANDS += [["savings"], ["savings", "--json"], ["savings", "a"]]
+    COMMANDS += [["savings"], ["savings", "--json"], ["savings", "a"], ["savings", "--csv"]]
 
 
 @pytest.fixture

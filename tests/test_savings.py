@@ -183,3 +183,39 @@ def test_hypothetical_from_base_headers(cases, cli_run):
     assert doc["bytes"] == doc["params"] * 4
     r = cli_run("savings", "--base", cases["llama"].base_dir, "--rank", "8", "--targets", "nope")
     assert r.exit_code == 1 and "q_proj" in r.stderr
+
+
+def test_savings_rows_as_csv_tsv_and_nl(cases, cli_run):
+    """--csv/--tsv/--nl print the report's rows (sqlite-utils style), the same figures as
+    --json: one row per adapter, or the one hypothetical adapter."""
+    import csv
+    import io
+
+    for n in ("llama", "gpt2"):
+        assert cli_run("add", cases[n].adapter_dir, "--task", n, "--name", n).exit_code == 0
+    keys = ["name", "task", "base_model", "params", "dense_params", "compression", "bytes"]
+    for extra, more in (([], []), (["--base", cases["llama"].base_dir], ["share_of_base"])):
+        adapters = json.loads(cli_run("savings", *extra, "--json").stdout)["adapters"]
+        assert adapters
+        for fmt, delim in (("--csv", ","), ("--tsv", "\t")):
+            r = cli_run("savings", *extra, fmt)
+            assert r.exit_code == 0 and r.stderr == "", r.output
+            rows = list(csv.reader(io.StringIO(r.stdout), delimiter=delim))
+            assert rows[0] == keys + more
+            cell = {None: ""}  # an unknown base_model is an empty cell, as sqlite-utils writes NULL
+            assert rows[1:] == [[cell.get(a[k], str(a[k])) for k in keys + more] for a in adapters]
+        r = cli_run("savings", *extra, "--nl")
+        assert [json.loads(line) for line in r.stdout.splitlines()] == adapters
+    # the hypothetical adapter: one row
+    hyp = ["--base", cases["llama"].base_dir, "--rank", "4", "--targets", "q_proj,v_proj"]
+    doc = json.loads(cli_run("savings", *hyp, "--json").stdout)
+    r = cli_run("savings", *hyp, "--csv")
+    assert r.exit_code == 0, r.output
+    header, row = list(csv.reader(io.StringIO(r.stdout)))
+    assert dict(zip(header, row, strict=True)) == {
+        k: json.dumps(doc[k]) if isinstance(doc[k], list) else str(doc[k]) for k in header
+    }
+    assert {"params", "bytes", "base_bytes", "targets"} <= set(header)
+    # one output format at a time, as a usage error
+    r = cli_run("savings", "--csv", "--json")
+    assert r.exit_code == 2 and "Usage: loratool savings" in r.stderr

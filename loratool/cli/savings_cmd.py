@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import click
 
-from .options import AdapterType, BaseType, emit_json, home_from, json_option
+from .options import (
+    AdapterType,
+    BaseType,
+    emit_json,
+    emit_records,
+    home_from,
+    output_format,
+    table_options,
+)
+
+# --csv/--tsv/--nl columns: one row per adapter (share_of_base with --base), or the one
+# hypothetical adapter.
+ADAPTER_KEYS = ["name", "task", "base_model", "params", "dense_params", "compression", "bytes"]
+HYPOTHETICAL_KEYS = ["rank", "targets", "dtype", "modules", "params", "dense_params"]
+HYPOTHETICAL_KEYS += ["compression", "bytes", "base_params", "base_bytes"]
 
 
 @click.command()
@@ -34,7 +48,7 @@ from .options import AdapterType, BaseType, emit_json, home_from, json_option
     type=click.Choice(["float32", "float16", "bfloat16", "float8"]),
     help="Storage dtype of the hypothetical adapter and base.",
 )
-@json_option
+@table_options
 @click.pass_context
 def savings(ctx, names, base_path, config_path, rank, targets, dtype, json_):
     """How many parameters and bytes adapters save against full fine-tuned copies.
@@ -55,8 +69,15 @@ def savings(ctx, names, base_path, config_path, rank, targets, dtype, json_):
       loratool savings --base meta-llama/Llama-3.2-1B       # headers read on the Hub
       loratool savings --config roberta-base/config.json --rank 8 --targets query,value
       loratool savings --base ./llama --rank 16 --targets q_proj,k_proj,v_proj,o_proj --json
+      loratool savings --base ./llama --csv > savings.csv
+
+    --json prints the whole report as one document; --csv, --tsv and --nl print its rows: one
+    per adapter (name, task, base_model, params, dense_params, compression, bytes, and
+    share_of_base with --base), or the one hypothetical adapter.
     """
     from . import render
+
+    fmt = output_format(ctx)
 
     shown_base = base_path
     if base_path is not None:
@@ -90,8 +111,12 @@ def savings(ctx, names, base_path, config_path, rank, targets, dtype, json_):
             from ..savings import hypothetical_from_base
 
             doc = hypothetical_from_base(base_path, rank, target_list, dtype)
-        if json_:
+        if fmt == "json":
             emit_json(doc)
+            return
+        if fmt is not None:
+            keys = HYPOTHETICAL_KEYS + (["config"] if "config" in doc else [])
+            emit_records([{k: doc.get(k) for k in keys}], fmt, keys)
             return
         render.table(
             f"hypothetical r={rank} adapter on {', '.join(target_list)} ({dtype})",
@@ -136,8 +161,12 @@ def savings(ctx, names, base_path, config_path, rank, targets, dtype, json_):
     doc = report(rows, base_path)
     if base_path is not None and not names:
         doc["other_adapters"] = [r["name"] for r in others]
-    if json_:
+    if fmt == "json":
         emit_json(doc)
+        return
+    if fmt is not None:
+        keys = ADAPTER_KEYS + (["share_of_base"] if base_path is not None else [])
+        emit_records(doc["adapters"], fmt, keys)
         return
     if not doc["adapters"]:
         if doc.get("other_adapters"):
