@@ -201,7 +201,7 @@ def contenders(folder: Path, out: Path, rank: int, device: str) -> dict[str, lis
     base, ft = str(folder / "base"), str(folder / "ft")
     return {
         "loratool extract": [
-            PY, "-m", "loratool", "extract", base, ft, "--rank", str(rank), "--task", "bench",
+            PY, "-m", "loratool", "extract", base, ft, "--rank", str(rank),
             "--device", device, "--json", "--force", "-o", str(out / "loratool"),
         ],
         "mergekit-extract-lora": [

@@ -66,8 +66,6 @@ def test_extract_recovers_a_low_rank_delta(cli_run, tmp_path):
         tmp_path / "ft",
         "--rank",
         "3",
-        "--task",
-        "t",
         "-o",
         tmp_path / "x",
         "--json",

@@ -122,6 +122,71 @@ def test_combine_refuses_an_option_its_method_ignores(cli_run, tmp_path, method,
     assert not (tmp_path / "o").exists()
 
 
+LOHA = FIX / "adapters" / "conv-loha.safetensors"
+LLAMA = FIX / "llama"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        # --task is the catalog task of --as: -o writes a PEFT directory, which has none
+        (["resize", PLAIN, "--rank", "2", "--task", "t"], ["-o does not use --task"]),
+        (["combine", PLAIN, PLAIN, "--method", "cat", "--task", "t"], ["-o does not use --task"]),
+        (["extract", LLAMA, LLAMA, "--rank", "2", "--task", "t"], ["-o does not use --task"]),
+        # the randomized SVD's knobs, with the exact SVD
+        (
+            ["extract", LLAMA, LLAMA, "--rank", "2", "--exact", "--niter", "3"],
+            ["--exact", "--niter"],
+        ),
+        (
+            ["extract", LLAMA, LLAMA, "--rank", "2", "--exact", "--oversample", "4"],
+            ["--oversample"],
+        ),
+        (["extract", LLAMA, LLAMA, "--rank", "2", "--exact", "--seed", "0"], ["--seed"]),
+        (["extract", LLAMA, LLAMA, "--sv-cumulative", "0.9", "--seed", "1"], ["--sv-cumulative"]),
+        # a format that writes every component, or keeps LyCORIS modules as they are
+        (["convert", PLAIN, "{out}", "--to", "kohya", "--component", "unet"], ["--component"]),
+        (["convert", LOHA, "{out}", "--to", "lycoris", "--rank", "2"], ["--to lycoris", "--rank"]),
+        (["convert", LOHA, "{out}", "--to", "loratool", "--energy", "0.9"], ["--energy"]),
+        (["export", PLAIN, "{out}", "--format", "lycoris", "--component", "unet"], ["--component"]),
+        # an adapter with no LyCORIS module: --rank/--energy would change nothing
+        (["convert", PLAIN, "{out}", "--to", "peft", "--rank", "2"], ["no LyCORIS module"]),
+        (["export", PLAIN, "{out}", "--format", "kohya", "--energy", "0.9"], ["no LyCORIS module"]),
+    ],
+    ids=lambda case: " ".join([case[0][0]] + [a for a in case[0] if str(a)[:2] == "--"]),
+)
+def test_an_option_the_command_would_ignore_is_refused(cli_run, tmp_path, case):
+    args, words = case
+    out = tmp_path / "out"
+    args = [out if a == "{out}" else a for a in args]
+    if args[0] in ("resize", "combine", "extract"):
+        args += ["-o", out]
+    usage_error(cli_run(*args), *words)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_the_options_refused_elsewhere_still_work_where_they_are_used(cli_run, tmp_path):
+    """The same options where the command reads them: --task with --as, the SVD knobs with
+    the randomized SVD, --component for a one-component format, --rank for LyCORIS → LoRA."""
+    r = cli_run("resize", PLAIN, "--rank", "2", "--as", "r2", "--task", "t", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(cli_run("show", "r2", "--json").stdout)["task"] == "t"
+    r = cli_run("extract", LLAMA, LLAMA, "--rank", "2", "--seed", "1", "--niter", "1")
+    assert r.exit_code == 2 and "-o DEST" in r.stderr  # only the output choice is missing
+    r = cli_run("convert", LOHA, tmp_path / "loha.safetensors", "--to", "kohya", "--rank", "2")
+    assert r.exit_code == 0, r.output
+    # a catalog adapter is checked as a path is: no LyCORIS module, --rank refused; one, used
+    assert cli_run("add", PLAIN, "--task", "t", "--name", "plain").exit_code == 0
+    assert cli_run("add", LOHA, "--task", "t", "--name", "loha").exit_code == 0
+    r = cli_run("export", "plain", tmp_path / "e", "--format", "kohya", "--rank", "2")
+    usage_error(r, "no LyCORIS module")
+    assert not (tmp_path / "e").exists()
+    r = cli_run("export", "loha", tmp_path / "e.safetensors", "--format", "kohya", "--rank", "2")
+    assert r.exit_code == 0, r.output
+    r = cli_run("convert", PLAIN, tmp_path / "p", "--to", "peft", "--component", "unet")
+    assert r.exit_code == 1 and "no modules of component 'unet'" in r.stderr  # read, not ignored
+
+
 def test_combine_as_names_the_real_reason_it_needs_a_task(cli_run, tmp_path):
     rslora = FIX / "adapters" / "llama-rslora"
     assert cli_run("add", PLAIN, "--task", "summarize", "--name", "a").exit_code == 0

@@ -93,7 +93,7 @@ def test_extracted_adapter_loads_with_auto_peft_and_gives_the_low_rank_merge(
 
     base, ft_dir, _, ft = pair
     out = tmp_path / "lora"
-    r = cli_run("extract", base, ft_dir, "--rank", "3", "--task", "chat", "-o", out, "--json")
+    r = cli_run("extract", base, ft_dir, "--rank", "3", "-o", out, "--json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["task_type"] == "CAUSAL_LM"
@@ -122,9 +122,7 @@ def test_embed_full_saves_modules_to_save_that_auto_peft_loads(cli_run, pair, tm
 
     base, ft_dir, _, ft = pair
     out = tmp_path / "full"
-    r = cli_run(
-        "extract", base, ft_dir, "--rank", "3", "--embed-full", "--task", "t", "-o", out, "--json"
-    )
+    r = cli_run("extract", base, ft_dir, "--rank", "3", "--embed-full", "-o", out, "--json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert sorted(doc["full"]) == ["lm_head.weight", "model.embed_tokens.weight"]
@@ -161,8 +159,6 @@ def test_measured_errors_and_dtype(cli_run, pair, tmp_path):
         "2",
         "--dtype",
         "bfloat16",
-        "--task",
-        "t",
         "-o",
         out,
         "--json",
@@ -189,11 +185,11 @@ def test_changed_norms_are_listed_not_dropped_silently(cli_run, pair, tmp_path):
     d = tmp_path / "ft2"
     d.mkdir()
     save_file(ft2, d / "model.safetensors")
-    r = cli_run("extract", base, d, "--rank", "3", "--task", "t", "-o", tmp_path / "o", "--json")
+    r = cli_run("extract", base, d, "--rank", "3", "-o", tmp_path / "o", "--json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert [x["name"] for x in doc["not_extracted"]] == ["model.norm.weight"]
-    r = cli_run("extract", base, d, "--rank", "3", "--task", "t", "-o", tmp_path / "o2")
+    r = cli_run("extract", base, d, "--rank", "3", "-o", tmp_path / "o2")
     assert "model.norm.weight" in r.stderr
 
 
@@ -207,7 +203,7 @@ def test_dynamic_rules_and_exact(cli_run, pair, tmp_path):
         (["--sv-cumulative", "0.999"], 3),  # Σσ: the float32 noise floor counts more
     ):
         out = tmp_path / args[0].strip("-")
-        r = cli_run("extract", base, ft_dir, *args, "--task", "t", "-o", out, "--json")
+        r = cli_run("extract", base, ft_dir, *args, "-o", out, "--json")
         assert r.exit_code == 0, r.output
         mods = json.loads(r.stdout)["modules"]
         assert {m["rank"] for m in mods.values()} == {want}, args
@@ -218,8 +214,6 @@ def test_dynamic_rules_and_exact(cli_run, pair, tmp_path):
         "--rank",
         "3",
         "--exact",
-        "--task",
-        "t",
         "-o",
         tmp_path / "x",
         "--json",
@@ -234,8 +228,6 @@ def test_dynamic_rules_and_exact(cli_run, pair, tmp_path):
         "3",
         "--energy",
         "0.9",
-        "--task",
-        "t",
         "-o",
         tmp_path / "y",
     )
@@ -316,8 +308,6 @@ def test_task_type_option_and_refusals(cli_run, pair, tmp_path):
         "FEATURE_EXTRACTION",
         "--base-model",
         "acme/base",
-        "--task",
-        "t",
         "-o",
         out,
     )
@@ -334,10 +324,10 @@ def test_task_type_option_and_refusals(cli_run, pair, tmp_path):
     d = tmp_path / "bad"
     d.mkdir()
     save_file(bad, d / "model.safetensors")
-    r = cli_run("extract", base, d, "--rank", "1", "--task", "t", "-o", tmp_path / "x")
+    r = cli_run("extract", base, d, "--rank", "1", "-o", tmp_path / "x")
     assert r.exit_code == 1 and "model.embed_tokens.weight" in r.stderr and "vocabulary" in r.stderr
     assert not (tmp_path / "x").exists()
-    r = cli_run("extract", base, base, "--rank", "1", "--task", "t", "-o", tmp_path / "x")
+    r = cli_run("extract", base, base, "--rank", "1", "-o", tmp_path / "x")
     assert r.exit_code == 1 and "nothing to extract" in r.stderr
 
 

@@ -177,13 +177,11 @@ def test_resize_extract_combine_outputs_may_not_replace_inputs(cli_run, work, tm
     before = tree(work)
     r = cli_run("resize", work / "adapter", "--rank", "2", "-o", work / "adapter", "--force")
     one_error_line(r, "is an input")
-    r = cli_run(
-        "combine", work / "adapter", "--method", "cat", "-o", work, "--force", "--task", "t"
-    )
+    r = cli_run("combine", work / "adapter", "--method", "cat", "-o", work, "--force")
     one_error_line(r, "contains an input")
     assert cli_run("merge", work / "llama", work / "adapter", "-o", tmp_path / "ft").exit_code == 0
     r = cli_run(
-        "extract", work / "llama", tmp_path / "ft", "--rank", "2", "--task", "t",
+        "extract", work / "llama", tmp_path / "ft", "--rank", "2",
         "-o", tmp_path / "ft", "--force",
     )  # fmt: skip
     one_error_line(r, "is an input")
@@ -566,8 +564,6 @@ def test_combine_never_writes_non_finite_factors(cli_run, work, big, tmp_path, m
         *extra,
         "-o",
         out,
-        "--task",
-        "t",
     )
     if r.exit_code == 0:
         assert weight not in ("nan", "1e39", "1.5e38"), r.output  # these overflow here

@@ -110,7 +110,7 @@ class Bench:
             ),
             "combine-as": (["combine", "a=0.5", "a", "--method", "cat", "--as", "c2"], None),
             "extract": (
-                ["extract", w / "llama", w / "ft", "--rank", "2", "--task", "t", "-o", "{out}"],
+                ["extract", w / "llama", w / "ft", "--rank", "2", "-o", "{out}"],
                 "x",
             ),
             "export": (["export", "a", "{out}"], "e"),

@@ -522,6 +522,42 @@ def conversion_options(f):
     return f
 
 
+# Formats that write one pipeline component (the others write every one: --component unused).
+ONE_COMPONENT_FORMATS = ("peft", "diffusers", "mlx", "gguf")
+
+
+def check_conversion_options(to: str, component, rank, energy, *, flag: str) -> None:
+    """Options the target format would ignore are usage errors: --component for a format that
+    writes every component, --rank/--energy for one that keeps LyCORIS modules as they are."""
+    from ..formats.convert import KEEPS_LYCORIS
+
+    if component is not None and to not in ONE_COMPONENT_FORMATS:
+        raise click.UsageError(
+            f"{flag} {to} does not use --component (it writes every component; only "
+            f"{', '.join(ONE_COMPONENT_FORMATS)} pick one)"
+        )
+    given = "--rank" if rank is not None else "--energy" if energy is not None else None
+    if given and to in KEEPS_LYCORIS:
+        raise click.UsageError(
+            f"{flag} {to} does not use {given} (it keeps LyCORIS modules as they are)"
+        )
+
+
+def check_rule_used(adapter, to: str, rank, energy, label: str) -> None:
+    """--rank/--energy truncate LyCORIS modules written as LoRA: refused (usage) for an
+    adapter that has none, where they would change nothing."""
+    from ..formats.convert import KEEPS_LYCORIS
+    from ..tolora import needs_conversion
+
+    if (rank is not None or energy is not None) and to not in KEEPS_LYCORIS:
+        if not needs_conversion(adapter):
+            given = "--rank" if rank is not None else "--energy"
+            raise click.UsageError(
+                f"{label} has no LyCORIS module (LoHa, LoKr, Tucker LoCon) to write as LoRA: "
+                f"{given} would change nothing (resize shortens a LoRA)"
+            )
+
+
 def lycoris_rule(rank: int | None, energy: float | None):
     """The rank rule LyCORIS modules are written as LoRA with (None: exact)."""
     if rank is not None and energy is not None:
@@ -577,6 +613,7 @@ def export(ctx, name, dest, fmt, base, component, rank, energy, force, json_):
 
     from .render import status
 
+    check_conversion_options(fmt, component, rank, energy, flag="--format")
     if Path(name).exists():  # a path wins over a catalog name, as everywhere
         from ..formats.convert import convert as run
         from ..sources import open_adapter
@@ -585,6 +622,7 @@ def export(ctx, name, dest, fmt, base, component, rank, energy, force, json_):
         check_out(ctx, dest, [name, base], force)
         with status(f"exporting {name}"):
             adapter = open_adapter(name, home_from(ctx)).adapter
+            check_rule_used(adapter, fmt, rank, energy, name)
             report = run(
                 adapter,
                 dest,
@@ -599,6 +637,8 @@ def export(ctx, name, dest, fmt, base, component, rank, energy, force, json_):
     cat = _catalog(ctx, read=True)
     try:
         with status(f"exporting {name}"):
+            if rank is not None or energy is not None:  # (a LoRA-only format: checked above)
+                check_rule_used(cat.load(name, lazy=True), fmt, rank, energy, name)
             report = cat.export(
                 name,
                 dest,

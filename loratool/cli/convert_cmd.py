@@ -7,6 +7,8 @@ import click
 from .catalog_cmds import (
     FORMAT_HELP,
     FORMAT_NAMES,
+    check_conversion_options,
+    check_rule_used,
     conversion_options,
     echo_conversion,
     lycoris_rule,
@@ -39,9 +41,11 @@ def convert(ctx, src, dest, to, base, component, rank, energy, force, json_):
     from ..sources import open_adapter
     from .render import status
 
+    check_conversion_options(to, component, rank, energy, flag="--to")
     check_out(ctx, dest, [src, base], force)
     with status(f"converting {src}"):
         adapter = open_adapter(src, home_from(ctx)).adapter
+        check_rule_used(adapter, to, rank, energy, src)
         report = run(
             adapter,
             dest,

@@ -34,11 +34,18 @@ def _output_options(f):
     return f
 
 
-def _check_output_choice(ctx, as_name, out, force, inputs, *, several: bool = False) -> None:
+def _check_output_choice(
+    ctx, as_name, out, force, inputs, *, several: bool = False, task: str | None = None
+) -> None:
     """Exactly one of --as and -o, and destinations (each input's, with several) that
-    overlap no input, the catalog home included: refused before anything is read."""
+    overlap no input, the catalog home included: refused before anything is read. --task is
+    the catalog task of --as: with -o it would be ignored, so it is a usage error."""
     if (as_name is None) == (out is None):
         raise click.UsageError("give exactly one of --as NAME and -o DEST")
+    if out is not None and task is not None:
+        raise click.UsageError(
+            "-o does not use --task (a PEFT directory holds no catalog task; only --as stores one)"
+        )
     labels = inputs if several else inputs[:1]
     if out is not None:
         for dest in {_expand(out, label, several) for label in labels}:
@@ -392,7 +399,7 @@ def resize(ctx, adapters, common_rank, task, as_name, out, force, json_, **rule_
 
     rule = _rule(rule_opts)
     several = len(adapters) > 1
-    _check_output_choice(ctx, as_name, out, force, list(adapters), several=several)
+    _check_output_choice(ctx, as_name, out, force, list(adapters), several=several, task=task)
     tasks = {a: _task_for_as(ctx, as_name, task, [a]) for a in adapters}
     opened = [open_adapter(a, home_from(ctx), lazy=True) for a in adapters]
     R = None
@@ -550,7 +557,8 @@ def extract(
     from . import render
 
     rule = _rule(rule_opts)
-    _check_output_choice(ctx, as_name, out, force, [base, finetuned])
+    _check_svd_options(ctx, exact, rule)
+    _check_output_choice(ctx, as_name, out, force, [base, finetuned], task=task)
     if as_name is not None and not task:
         raise click.UsageError("--as needs --task: a model has no catalog task to inherit")
     from ..tensors.header import read_base
@@ -681,7 +689,7 @@ def combine(
 
     _check_method_options(ctx, method)
     weighted = [parse_weighted(spec, ctx) for spec in adapters]
-    _check_output_choice(ctx, as_name, out, force, [name for name, _ in weighted])
+    _check_output_choice(ctx, as_name, out, force, [name for name, _ in weighted], task=task)
     task = _task_for_as(ctx, as_name, task, [name for name, _ in weighted])
     limit = None
     if max_memory is not None:
@@ -741,6 +749,26 @@ def combine(
             else " (exact)"
         )
     )
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    """Whether the option was given (on the command line or by the environment), not left at
+    its default."""
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
+
+
+def _check_svd_options(ctx: click.Context, exact: bool, rule) -> None:
+    """--oversample, --niter and --seed tune the randomized SVD: with --exact, or a rule that
+    needs every singular value (--sv-cumulative, which runs the exact SVD), they would be
+    ignored, so they are a usage error."""
+    if not (exact or rule.needs_full_spectrum):
+        return
+    why = "--exact" if exact else "--sv-cumulative (it runs the exact SVD)"
+    for name in ("oversample", "niter", "seed"):
+        if _given(ctx, name):
+            raise click.UsageError(f"{why} does not use --{name} (only the randomized SVD does)")
 
 
 # Which options each combine method reads; giving one the method ignores is a usage error.
