@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +47,9 @@ def _serve() -> None:
 def _child(job: dict) -> None:
     code = 70
     try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        from loratool.__main__ import install_interrupt_handler
+
+        install_interrupt_handler()  # as the console script does once the CLI is imported
         for name, stream in (("stdout", 1), ("stderr", 2)):
             fd = os.open(job[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, stream)
