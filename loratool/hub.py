@@ -152,6 +152,24 @@ def push_folder(
     }
 
 
+def resolved_commit(api, repo_id: str, revision: str, label: str) -> str:
+    """The commit the Hub gives for ``revision``, checked to be a 40-character sha: it names
+    cache folders and every later request, so a path-like or empty answer is refused. Call it
+    inside ``_hub_errors``."""
+    from huggingface_hub import constants as hf_constants
+
+    info = api.repo_info(repo_id, revision=revision, timeout=hf_constants.HF_HUB_ETAG_TIMEOUT)
+    commit = info.sha
+    if not isinstance(commit, str) or not _COMMIT_SHA.fullmatch(commit):
+        raise HubError(
+            f"the Hub answered {_shown(commit)} for the commit of this revision, not a "
+            "40-character sha",
+            file=label,
+            hint="check HF_ENDPOINT",
+        )
+    return commit
+
+
 def pull_files(
     spec: str,
     *,
@@ -194,14 +212,7 @@ def pull_files(
     label = repo_id if revision == "main" else f"{repo_id}@{revision}"
     timeout = hf_constants.HF_HUB_ETAG_TIMEOUT
     with _hub_errors(label, api.endpoint, token):
-        commit = api.repo_info(repo_id, revision=revision, timeout=timeout).sha
-        if not isinstance(commit, str) or not _COMMIT_SHA.fullmatch(commit):
-            raise HubError(
-                f"the Hub answered {_shown(commit)} for the commit of this revision, not a "
-                "40-character sha",
-                file=label,
-                hint="check HF_ENDPOINT",
-            )
+        commit = resolved_commit(api, repo_id, revision, label)
         wanted = _choose_files(api, repo_id, commit, patterns, label)
         if progress is not None:
             progress(0, None, total=sum(e.size for e in wanted))

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import FormatError, HubError, ValidationError
+from ..errors import FormatError, ValidationError
 from ..tensors.header import DTYPE_SIZES, PICKLE_SUFFIXES, BaseIndex, TensorInfo
 
 NEEDS = ("headers", "weights", "model")
@@ -149,24 +149,16 @@ def is_local(spec: str | os.PathLike) -> bool:
 def locate(spec: str, *, token: str | None = None) -> HubModel:
     """Pin a Hub model to one commit and list its top level (two small requests)."""
     from huggingface_hub import HfApi
-    from huggingface_hub import constants as hf_constants
     from huggingface_hub.hf_api import RepoFile
 
-    from ..hub import _COMMIT_SHA, _hub_errors, _shown, parse_repo_spec
+    from ..hub import _hub_errors, parse_repo_spec, resolved_commit
 
     repo_id, revision = parse_repo_spec(spec)
     revision = revision or "main"
     api = HfApi(token=token)
     label = repo_id if revision == "main" else f"{repo_id}@{revision}"
-    timeout = hf_constants.HF_HUB_ETAG_TIMEOUT
     with _hub_errors(label, api.endpoint, token):
-        commit = api.repo_info(repo_id, revision=revision, timeout=timeout).sha
-        if not isinstance(commit, str) or not _COMMIT_SHA.fullmatch(commit):
-            raise HubError(
-                f"the Hub answered {_shown(commit)} for the commit of this revision",
-                file=label,
-                hint="check HF_ENDPOINT",
-            )
+        commit = resolved_commit(api, repo_id, revision, label)
         files: dict[str, int] = {}
         entries: dict[str, RepoFile] = {}
         for entry in api.list_repo_tree(repo_id, revision=commit, recursive=False):
