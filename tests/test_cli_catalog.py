@@ -152,22 +152,30 @@ def test_add_errors(cli_run, tmp_path):
     assert json.loads(cli_run("list", "--json").stdout)[0]["task"] == "u"
 
 
-def test_list_prints_plain_columns_for_long_listings(cli_run, tmp_path, loratool_home):
+def _long_listing(cli_run, tmp_path, home, task: str) -> int:
+    """Adapter "a", then more rows than RICH_ROWS sharing its blob (task ``task``)."""
     from loratool.catalog import AdapterRecord, ModuleRecord
     from loratool.cli.catalog_cmds import RICH_ROWS
 
     cli_run("add", make_peft_dir(tmp_path / "a"), "--task", "t")
-    with Catalog(loratool_home) as c:
+    with Catalog(home) as c:
         sha = c.get("a")["sha256"]
         mod = ModuleRecord(
             "w.weight", "linear", [2, 8], [8, 2], [8, 8], 2, 4.0, 2.0, 32, 64, "float32"
         )
         c.insert_records(
             AdapterRecord(
-                name=f"n{i:04d}", task="t", sha256=sha, modules=[mod], bytes=2048, dtype="float32"
+                name=f"n{i:04d}", task=task, sha256=sha, modules=[mod], bytes=2048, dtype="float32"
             )
             for i in range(RICH_ROWS + 1)
         )
+    return RICH_ROWS + 1
+
+
+def test_list_prints_plain_columns_for_long_listings(cli_run, tmp_path, loratool_home):
+    from loratool.cli.catalog_cmds import RICH_ROWS
+
+    _long_listing(cli_run, tmp_path, loratool_home, "t")
     lines = cli_run("list").stdout.splitlines()
     assert lines[0].split() == [
         "name",
@@ -192,28 +200,9 @@ def test_long_listings_escape_terminal_sequences_and_check_the_rows_they_list(
     damaged row stops every listing that reads it, and only those."""
     import sqlite3
 
-    from loratool.catalog import AdapterRecord, ModuleRecord
-    from loratool.cli.catalog_cmds import RICH_ROWS
-
-    cli_run("add", make_peft_dir(tmp_path / "a"), "--task", "t")
-    with Catalog(loratool_home) as c:
-        sha = c.get("a")["sha256"]
-        mod = ModuleRecord(
-            "w.weight", "linear", [2, 8], [8, 2], [8, 8], 2, 4.0, 2.0, 32, 64, "float32"
-        )
-        c.insert_records(
-            AdapterRecord(
-                name=f"n{i:04d}",
-                task="red\x1b[31m",
-                sha256=sha,
-                modules=[mod],
-                bytes=2048,
-                dtype="float32",
-            )
-            for i in range(RICH_ROWS + 1)
-        )
+    n = _long_listing(cli_run, tmp_path, loratool_home, "red\x1b[31m")
     out = cli_run("list").stdout
-    assert "\x1b" not in out and out.count("red\\x1b[31m") == RICH_ROWS + 1
+    assert "\x1b" not in out and out.count("red\\x1b[31m") == n
     db = sqlite3.connect(loratool_home / "catalog.db")
     db.execute("update adapters set rslora = 7 where name = 'n0003'")
     db.commit()
