@@ -582,6 +582,29 @@ def echo_conversion(report, json_: bool, what: str) -> None:
     echo(f"{what} to {report.dest} ({report.format}, {plural(report.modules, 'module')})")
 
 
+def convert_path(ctx, src, dest, to, base, component, rank, energy, force, json_, verb) -> None:
+    """`convert SRC`, and `export` of a path: read it, convert, write DEST (checked first)."""
+    from ..formats.convert import convert as run
+    from ..sources import open_adapter
+    from .options import check_out
+    from .render import status
+
+    check_out(ctx, dest, [src, base], force)
+    with status(f"{verb}ing {src}"):
+        adapter = open_adapter(src, home_from(ctx)).adapter
+        check_rule_used(adapter, to, rank, energy, src)
+        report = run(
+            adapter,
+            dest,
+            to,
+            base=base,
+            component=component,
+            force=force,
+            rule=lycoris_rule(rank, energy),
+        )
+    echo_conversion(report, json_, f"{verb}ed {src}")
+
+
 @click.command()
 @click.argument("name", metavar="ADAPTER", type=AdapterType())
 @click.argument("dest", type=click.Path(path_type=str))
@@ -615,24 +638,7 @@ def export(ctx, name, dest, fmt, base, component, rank, energy, force, json_):
 
     check_conversion_options(fmt, component, rank, energy, flag="--format")
     if Path(name).exists():  # a path wins over a catalog name, as everywhere
-        from ..formats.convert import convert as run
-        from ..sources import open_adapter
-        from .options import check_out
-
-        check_out(ctx, dest, [name, base], force)
-        with status(f"exporting {name}"):
-            adapter = open_adapter(name, home_from(ctx)).adapter
-            check_rule_used(adapter, fmt, rank, energy, name)
-            report = run(
-                adapter,
-                dest,
-                fmt,
-                base=base,
-                component=component,
-                force=force,
-                rule=lycoris_rule(rank, energy),
-            )
-        echo_conversion(report, json_, f"exported {name}")
+        convert_path(ctx, name, dest, fmt, base, component, rank, energy, force, json_, "export")
         return
     cat = _catalog(ctx, read=True)
     try:

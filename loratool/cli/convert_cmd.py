@@ -8,12 +8,10 @@ from .catalog_cmds import (
     FORMAT_HELP,
     FORMAT_NAMES,
     check_conversion_options,
-    check_rule_used,
     conversion_options,
-    echo_conversion,
-    lycoris_rule,
+    convert_path,
 )
-from .options import AdapterType, check_out, home_from, json_option
+from .options import AdapterType, json_option
 
 
 @click.command()
@@ -37,22 +35,5 @@ def convert(ctx, src, dest, to, base, component, rank, energy, force, json_):
       loratool convert ./sql-lora sql.gguf --to gguf --base ./Llama-3.2-1B
       loratool convert style-loha.safetensors ./style-peft --to peft --base ./sd15 --energy 0.99
     """
-    from ..formats.convert import convert as run
-    from ..sources import open_adapter
-    from .render import status
-
     check_conversion_options(to, component, rank, energy, flag="--to")
-    check_out(ctx, dest, [src, base], force)
-    with status(f"converting {src}"):
-        adapter = open_adapter(src, home_from(ctx)).adapter
-        check_rule_used(adapter, to, rank, energy, src)
-        report = run(
-            adapter,
-            dest,
-            to,
-            base=base,
-            component=component,
-            force=force,
-            rule=lycoris_rule(rank, energy),
-        )
-    echo_conversion(report, json_, f"converted {src}")
+    convert_path(ctx, src, dest, to, base, component, rank, energy, force, json_, "convert")
