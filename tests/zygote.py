@@ -24,6 +24,7 @@ from pathlib import Path
 def _serve() -> None:
     import torch  # noqa: F401  # the cost the fork saves
 
+    import loratool.__main__  # noqa: F401  # the child installs its Ctrl-C handler first thing
     import loratool.cli  # noqa: F401
     import loratool.cli.catalog_cmds  # noqa: F401
     import loratool.cli.hub_cmds  # noqa: F401
@@ -36,6 +37,8 @@ def _serve() -> None:
     print("ready", flush=True)
     for line in sys.stdin:
         job = json.loads(line)
+        for name in ("stdout", "stderr"):  # made here: a child killed at once still leaves them
+            os.close(os.open(job[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
         pid = os.fork()
         if pid == 0:
             _child(job)  # never returns
