@@ -210,6 +210,13 @@ def test_long_listings_escape_terminal_sequences_and_check_the_rows_they_list(
     r = cli_run("list")
     assert r.exit_code == 1 and "'n0003' is damaged: rslora 7" in r.stderr, r.output
     assert cli_run("list", "--task", "t").exit_code == 0  # n0003 is not read
+    db = sqlite3.connect(loratool_home / "catalog.db")
+    db.execute("update adapters set rslora = 0 where name = 'n0003'")
+    db.execute("update adapters set file_sha256 = ? where name = 'n0005'", ["a" * 63 + "g"])
+    db.commit()
+    db.close()
+    r = cli_run("list")  # the hashes' hex text is checked in Python (catalog/verify.py)
+    assert r.exit_code == 1 and "'n0005' is damaged: file_sha256" in r.stderr, r.output
 
 
 def test_verify_and_corrupt_blob(cli_run, tmp_path, loratool_home):

@@ -443,7 +443,12 @@ def test_a_file_size_limit_names_the_file(loratool_home):
 def test_the_sql_row_check_agrees_with_the_python_one(loratool_home):
     """`list` asks SQLite for damaged rows (BAD_ADAPTER_ROW), everything else checks rows in
     Python (adapter_row_problems): both must call the same rows damaged."""
-    from loratool.catalog.verify import BAD_ADAPTER_ROW, adapter_row_problems
+    from loratool.catalog.verify import (
+        BAD_ADAPTER_ROW,
+        BAD_ADAPTER_ROW_SHAPE,
+        adapter_row_problems,
+        bad_hash_text,
+    )
 
     with Catalog(loratool_home) as cat:
         cat.add(PLAIN, task="t", name="good")
@@ -467,7 +472,7 @@ def test_the_sql_row_check_agrees_with_the_python_one(loratool_home):
         "source": [b"s"],
         "format": [b"f"],
         "dtype": [b"f16"],
-        "file_sha256": ["zz", "A" * 64, 5],
+        "file_sha256": ["zz", "A" * 64, 5, "a" * 63 + "g"],
         "tensor_sha256": ["a" * 65, b"x"],
     }
     fine_values = {"task": ["x y", "é", 5], "alpha": [0, -2.5, 1e308, "7"], "base_model": [None, 5],
@@ -490,10 +495,13 @@ def test_the_sql_row_check_agrees_with_the_python_one(loratool_home):
                 cases.append((rowid, col, v, expect_bad))
     db.commit()
     flagged = {r[0] for r in db.execute(f"select rowid from adapters where {BAD_ADAPTER_ROW}")}
+    shape = {r[0] for r in db.execute(f"select rowid from adapters where {BAD_ADAPTER_ROW_SHAPE}")}
     db.row_factory = sqlite3.Row
     for rowid, col, v, expect_bad in cases:
         row = dict(db.execute("select * from adapters where rowid = ?", [rowid]).fetchone())
         python_bad = bool(adapter_row_problems(row))
         assert python_bad == expect_bad, (col, v, adapter_row_problems(row))
         assert (rowid in flagged) == python_bad, (col, v)
+        # what `list` asks: SQLite for the shape, Python for the hashes' hex text
+        assert (rowid in shape or bad_hash_text(row)) == python_bad, (col, v)
     db.close()

@@ -65,10 +65,11 @@ from .sqlerrors import (
     oserror_cause,
 )
 from .verify import (
-    BAD_ADAPTER_ROW,
+    BAD_ADAPTER_ROW_SHAPE,
     Problem,
     VerifyReport,
     adapter_row_problems,
+    bad_hash_text,
     module_row_problems,
 )
 
@@ -484,10 +485,11 @@ class Catalog:
         for t in tags:
             where.append("exists (select 1 from tags t where t.adapter = a.name and t.tag = ?)")
             params.append(t)
-        # Every row listed is checked, by SQLite (BAD_ADAPTER_ROW): far faster than in Python.
-        # Rows a filter leaves out are not read, so not checked (verify checks them all).
+        # Every row listed is checked, by SQLite (BAD_ADAPTER_ROW_SHAPE) and for the hex text
+        # of its hashes by Python (bad_hash_text): see catalog/verify.py. Rows a filter leaves
+        # out are not read, so not checked (verify checks them all).
         sql = (
-            f"select a.*, ({BAD_ADAPTER_ROW}) as bad_row, (select group_concat(tag, char(31)) "
+            f"select a.*, ({BAD_ADAPTER_ROW_SHAPE}) as bad_row, (select group_concat(tag, char(31)) "
             "from (select tag from tags t where t.adapter = a.name order by tag)) as tag_list "
             "from adapters a"
         )
@@ -496,7 +498,7 @@ class Catalog:
         sql += " order by a.task, a.name"
         out = []
         for row in self.db.query(sql, params):
-            if row.pop("bad_row"):
+            if row.pop("bad_row") or bad_hash_text(row):
                 row.pop("tag_list")
                 problems = adapter_row_problems(row) or ["a column is malformed"]
                 self._damaged(row.get("name"), problems)
