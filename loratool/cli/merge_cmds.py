@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from .options import (
-    AdapterType,
     BaseType,
     check_out,
     device_option,
@@ -14,6 +13,7 @@ from .options import (
     json_option,
     open_base_arg,
     parse_weighted,
+    weighted_adapters,
 )
 
 DTYPES = click.Choice(["same", "float16", "bfloat16", "float32"])
@@ -120,13 +120,7 @@ def _ops_summary(tensors: list[dict]) -> str:
 
 @click.command()
 @click.argument("base", type=BaseType())
-@click.argument(
-    "adapters",
-    nargs=-1,
-    required=True,
-    metavar="ADAPTER[=WEIGHT]...",
-    type=AdapterType(weighted=True),
-)
+@weighted_adapters
 @click.option(
     "-o", "--out", required=True, type=click.Path(), help="Where to write the merged model."
 )
@@ -204,13 +198,7 @@ def merge(ctx, base, adapters, out, device, dtype, force, strict, onto, keep_ori
 
 @click.command()
 @click.argument("merged", type=BaseType())
-@click.argument(
-    "adapters",
-    nargs=-1,
-    required=True,
-    metavar="ADAPTER[=WEIGHT]...",
-    type=AdapterType(weighted=True),
-)
+@weighted_adapters
 @click.option(
     "-o", "--out", required=True, type=click.Path(), help="Where to write the restored model."
 )

@@ -32,6 +32,17 @@ def needs_sanitizing(text: str, *, cell: bool = False) -> bool:
     return (_UNSAFE_CELL if cell else _UNSAFE).search(text) is not None
 
 
+def weighted_adapters(f):
+    """The ADAPTER[=WEIGHT]... arguments of merge, unmerge and combine."""
+    return click.argument(
+        "adapters",
+        nargs=-1,
+        required=True,
+        metavar="ADAPTER[=WEIGHT]...",
+        type=AdapterType(weighted=True),
+    )(f)
+
+
 def json_option(f):
     return click.option(
         "--json",

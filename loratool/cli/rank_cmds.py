@@ -20,6 +20,7 @@ from .options import (
     output_format,
     parse_weighted,
     table_options,
+    weighted_adapters,
 )
 
 
@@ -633,13 +634,7 @@ def extract(
 
 
 @click.command()
-@click.argument(
-    "adapters",
-    nargs=-1,
-    required=True,
-    metavar="ADAPTER[=WEIGHT]...",
-    type=AdapterType(weighted=True),
-)
+@weighted_adapters
 @click.option(
     "--method",
     type=click.Choice(["linear", "cat", "svd", "ties", "dare"]),
