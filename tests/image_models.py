@@ -244,13 +244,12 @@ def bfl_to_flux(ckpt: dict, n_double: int, n_single: int, inner: int) -> dict:
 # -- a pipeline directory -------------------------------------------------------------------------
 
 
-def save_sd_pipeline(root: Path, unet, clip, *, shard_text_encoder: bool = False) -> Path:
-    """A StableDiffusionPipeline saved by diffusers (no tokenizer: offline), optionally its text
-    encoder re-saved sharded (a component index)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+def tiny_vae():
+    """The smallest AutoencoderKL diffusers builds (seed 0): pipelines need one."""
+    from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         block_out_channels=(4,),
         latent_channels=4,
         norm_num_groups=2,
@@ -258,6 +257,14 @@ def save_sd_pipeline(root: Path, unet, clip, *, shard_text_encoder: bool = False
         up_block_types=("UpDecoderBlock2D",),
         layers_per_block=1,
     )
+
+
+def save_sd_pipeline(root: Path, unet, clip, *, shard_text_encoder: bool = False) -> Path:
+    """A StableDiffusionPipeline saved by diffusers (no tokenizer: offline), optionally its text
+    encoder re-saved sharded (a component index)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    vae = tiny_vae()
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=clip,

@@ -214,19 +214,12 @@ def test_diffusers_converts_the_same_file_to_the_same_parts(tmp_path, cli_run):
 @pytest.fixture(scope="module")
 def flux_pipe(tmp_path_factory):
     pytest.importorskip("diffusers")
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from diffusers_models import tiny_clip, tiny_flux
+    from image_models import tiny_vae
     from test_flux_t5 import tiny_t5
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(4,),
-        latent_channels=4,
-        norm_num_groups=2,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        layers_per_block=1,
-    )
+    vae = tiny_vae()
     transformer = tiny_flux(0)
     assert transformer.config.num_attention_heads * transformer.config.attention_head_dim == H
     pipe = FluxPipeline(

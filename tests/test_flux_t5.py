@@ -62,18 +62,11 @@ def sd_scripts_names(prefix: str, model, targets, level: str = "") -> dict[str, 
 
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from image_models import tiny_vae
 
     clip, t5 = tiny_clip(0), tiny_t5(0)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(4,),
-        latent_channels=4,
-        norm_num_groups=2,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        layers_per_block=1,
-    )
+    vae = tiny_vae()
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
