@@ -170,10 +170,34 @@ def build_moe_base(path: Path, layers: int, hidden=2048, moe_inter=768, experts=
     (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
+def save_peft(path: Path, sd: dict, base: Path, r: int, extra: dict) -> None:
+    """A PEFT adapter directory: ``sd`` and the config peft writes for q,k,v,o at alpha 32."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(sd, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base),
+        "r": r,
+        "lora_alpha": 32,
+        "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "use_rslora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+        **extra,
+    }
+    (path / "adapter_config.json").write_text(json.dumps(config))
+
+
 def build_moe_adapter(path: Path, base: Path, r=16):
     """q,k,v,o LoRA plus target_parameters on the fused experts, laid out as peft saves it."""
     import torch
-    from safetensors.torch import save_file
 
     if (path / "adapter_model.safetensors").exists():
         return
@@ -200,33 +224,12 @@ def build_moe_adapter(path: Path, base: Path, r=16):
         sd[p + ".base_layer.lora_B.weight"] = torch.randn(2 * inter, r * E, generator=g) * 0.01
         sd[p + ".lora_A.weight"] = torch.randn(E * r, inter, generator=g) * 0.01
         sd[p + ".lora_B.weight"] = torch.randn(hidden, r * E, generator=g) * 0.01
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(sd, path / "adapter_model.safetensors", metadata={"format": "pt"})
-    (path / "adapter_config.json").write_text(
-        json.dumps(
-            {
-                "peft_type": "LORA",
-                "task_type": "CAUSAL_LM",
-                "base_model_name_or_path": str(base),
-                "r": r,
-                "lora_alpha": 32,
-                "lora_dropout": 0.0,
-                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-                "fan_in_fan_out": False,
-                "bias": "none",
-                "use_rslora": False,
-                "rank_pattern": {},
-                "alpha_pattern": {},
-                "inference_mode": True,
-            }
-        )
-    )
+    extra = {"target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
+    save_peft(path, sd, base, r, extra)
 
 
 def build_adapter(path: Path, base: Path, r=16, dora=False):
     import torch
-    from safetensors.torch import save_file
 
     if (path / "adapter_model.safetensors").exists():
         return
@@ -243,28 +246,7 @@ def build_adapter(path: Path, base: Path, r=16, dora=False):
             if dora:  # peft starts m at the rows' norms (about 0.02·√hidden here), then trains
                 m = 0.02 * hidden**0.5 * (1 + 0.1 * torch.randn(out, generator=g))
                 sd[p + ".lora_magnitude_vector"] = m
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(sd, path / "adapter_model.safetensors", metadata={"format": "pt"})
-    (path / "adapter_config.json").write_text(
-        json.dumps(
-            {
-                "peft_type": "LORA",
-                "task_type": "CAUSAL_LM",
-                "base_model_name_or_path": str(base),
-                "r": r,
-                "lora_alpha": 32,
-                "lora_dropout": 0.0,
-                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                "fan_in_fan_out": False,
-                "bias": "none",
-                "use_rslora": False,
-                "use_dora": dora,
-                "rank_pattern": {},
-                "alpha_pattern": {},
-                "inference_mode": True,
-            }
-        )
-    )
+    save_peft(path, sd, base, r, {"use_dora": dora})
 
 
 ENGINE_SCRIPT = """
