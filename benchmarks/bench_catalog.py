@@ -23,7 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import cpu_name  # benchmarks/machine.py; scripts run from benchmarks/
+from machine import (  # benchmarks/machine.py; scripts run from benchmarks/
+    append_to_benchmarks,
+    cpu_name,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -222,13 +225,7 @@ def main() -> None:
             "before the switch). sqlite-utils is imported with numpy hidden (it imports numpy only "
             "to map numpy scalar types, ~60 ms). `list --json` writes one object per line.\n"
         )
-        doc = ROOT / "docs" / "BENCHMARKS.md"
-        doc.parent.mkdir(exist_ok=True)
-        if not doc.exists():
-            doc.write_text("# Benchmarks\n")
-        with open(doc, "a") as fh:
-            fh.write(text)
-        print(f"appended to {doc}")
+        print(f"appended to {append_to_benchmarks(text)}")
     tmp.cleanup()
 
 

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from bench_merge import run_measured  # benchmarks/ is the script's folder
-from machine import cpu_name
+from machine import append_to_benchmarks, cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -193,10 +193,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        path = ROOT / "docs" / "BENCHMARKS.md"
-        ends_blank = path.exists() and path.read_text().endswith("\n\n")
-        with path.open("a") as f:
-            f.write(("" if ends_blank else "\n") + table)
+        append_to_benchmarks(table)
 
 
 if __name__ == "__main__":

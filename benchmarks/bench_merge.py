@@ -44,6 +44,8 @@ import threading
 import time
 from pathlib import Path
 
+from machine import append_to_benchmarks  # benchmarks/machine.py; scripts run from benchmarks/
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
@@ -524,10 +526,9 @@ def main():
     print(table)
     if args.write:
         cmd = "    " + " ".join(["python", "benchmarks/bench_merge.py", *sys.argv[1:]])
-        with open(ROOT / "docs" / "BENCHMARKS.md", "a") as fh:
-            fh.write(
-                f"\n## merge ({time.strftime('%Y-%m-%d')}, {os.uname().machine}, {os.cpu_count()} cores)\n\n{cmd}\n\n{table}\n"
-            )
+        append_to_benchmarks(
+            f"## merge ({time.strftime('%Y-%m-%d')}, {os.uname().machine}, {os.cpu_count()} cores)\n\n{cmd}\n\n{table}\n"
+        )
     for name in (
         "out-cp",
         "out-loratool-merge",

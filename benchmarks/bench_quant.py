@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
 from bench_merge import ENGINE_SCRIPT, build_adapter, build_base, gib, rm, run_measured  # noqa: E402
+from machine import append_to_benchmarks  # noqa: E402
 
 PY = sys.executable
 SMALL = dict(hidden=256, inter=704, vocab=1024, heads=4, kv_heads=2)
@@ -231,11 +232,10 @@ def main() -> None:
     print(table)
     if args.write:
         cmd_line = "    " + " ".join(["python", "benchmarks/bench_quant.py", *sys.argv[1:]])
-        with open(ROOT / "docs" / "BENCHMARKS.md", "a") as fh:
-            fh.write(
-                f"\n## merge into a quantized base ({time.strftime('%Y-%m-%d')}, {os.uname().machine}, "
-                f"{os.cpu_count()} cores)\n\n{cmd_line}\n\n{table}\n"
-            )
+        append_to_benchmarks(
+            f"## merge into a quantized base ({time.strftime('%Y-%m-%d')}, {os.uname().machine}, "
+            f"{os.cpu_count()} cores)\n\n{cmd_line}\n\n{table}\n"
+        )
 
 
 if __name__ == "__main__":

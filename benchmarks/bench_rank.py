@@ -27,7 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-from machine import cpu_name  # benchmarks/machine.py; scripts run from benchmarks/
+from machine import (  # benchmarks/machine.py; scripts run from benchmarks/
+    append_to_benchmarks,
+    cpu_name,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -144,12 +147,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        path = ROOT / "docs" / "BENCHMARKS.md"
-        # Append, never rewrite: other benchmarks own the other sections of the file.
-        head = "" if path.exists() else "# Benchmarks\n"
-        ends_blank = path.exists() and path.read_text().endswith("\n\n")
-        with path.open("a") as f:
-            f.write(head + ("" if ends_blank else "\n") + table)
+        append_to_benchmarks(table)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What the benchmarks say about the machine they ran on."""
+"""What the benchmarks say about the machine they ran on, and where they write it."""
 
 from __future__ import annotations
 
@@ -15,3 +15,22 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
+
+
+def append_to_benchmarks(text: str) -> Path:
+    """Append ``text`` as a new section of docs/BENCHMARKS.md, after one blank line (the file's
+    title first if it is new). Append, never rewrite: each benchmark owns its own sections."""
+    path = BENCHMARKS_MD
+    path.parent.mkdir(exist_ok=True)
+    old = path.read_text() if path.exists() else ""
+    if not old:
+        lead = "# Benchmarks\n\n"
+    else:
+        trailing = len(old) - len(old.rstrip("\n"))
+        lead = "\n" * max(0, 2 - trailing)
+    with path.open("a") as f:
+        f.write(lead + text.lstrip("\n"))
+    return path
